@@ -1,0 +1,5 @@
+import sys
+
+from mkv.cli import main
+
+sys.exit(main())

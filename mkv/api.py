@@ -1,0 +1,229 @@
+"""The HTTP API (minikeyvalue's contract) as a Falcon app.
+
+Handlers parse the request, call the Store (which calls the pure core), and
+map its typed errors to statuses in one table. Every error answer has a JSON
+body {"error": ..., "detail": ...}.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import Callable, Iterator
+
+import falcon
+
+from mkv import core, metrics
+from mkv.config import Config
+from mkv.core import Health
+from mkv.keys import BadKey, check_key, decode_path
+from mkv.store import (
+    BadDigest,
+    ClientGone,
+    InFlight,
+    KeyExists,
+    KeyMissing,
+    Protected,
+    Store,
+    Unavailable,
+    VolumeFailed,
+)
+from mkv.writer import WriterError, WriterUnavailable
+
+log = logging.getLogger("mkv.api")
+
+KEY_METHODS = ("GET", "HEAD", "PUT", "DELETE", "UNLINK")
+
+#: Typed error -> (status, error name). The only place statuses are chosen for failures.
+ERRORS: list[tuple[type[Exception], str, str]] = [
+    (BadKey, falcon.HTTP_400, "bad_key"),
+    (core.BadQuery, falcon.HTTP_400, "bad_query"),
+    (BadDigest, falcon.HTTP_400, "bad_digest"),
+    (ClientGone, falcon.HTTP_400, "incomplete_body"),
+    (KeyExists, falcon.HTTP_403, "key_exists"),
+    (Protected, falcon.HTTP_403, "protected"),
+    (KeyMissing, falcon.HTTP_404, "not_found"),
+    (InFlight, falcon.HTTP_409, "write_in_flight"),
+    (VolumeFailed, falcon.HTTP_502, "volume_failed"),
+    (Unavailable, falcon.HTTP_503, "unavailable"),
+    (WriterUnavailable, falcon.HTTP_503, "writer_unavailable"),
+    (WriterError, falcon.HTTP_500, "writer_error"),
+]
+
+
+def error_body(resp: falcon.Response, status: str, error: str, detail: str) -> None:
+    resp.status = status
+    resp.content_type = falcon.MEDIA_JSON
+    resp.text = json.dumps({"error": error, "detail": detail})
+
+
+def raw_target(req: falcon.Request) -> tuple[str, str]:
+    """The undecoded path and query, so the key is decoded exactly once, strictly."""
+    raw = req.env.get("RAW_URI") or req.env.get("REQUEST_URI")
+    if raw:
+        if "://" in raw.split("?", 1)[0]:  # absolute-form request target
+            raw = "/" + raw.split("://", 1)[1].partition("/")[2]
+        path, _, query = raw.partition("?")
+        return decode_path(path), query
+    return decode_path(req.env.get("PATH_INFO", "/")), req.env.get("QUERY_STRING", "")
+
+
+class KeyResource:
+    """Every path that is not /-/...: keys and prefix listings."""
+
+    def __init__(self, cfg: Config, store: Callable[[], Store]) -> None:
+        self.cfg = cfg
+        self.store = store
+
+    def __call__(self, req: falcon.Request, resp: falcon.Response, **_: str) -> None:
+        started = time.perf_counter()
+        method = req.method
+        try:
+            self._dispatch(req, resp)
+        except tuple(e for e, _, _ in ERRORS) as exc:
+            for cls, status, name in ERRORS:
+                if isinstance(exc, cls):
+                    error_body(resp, status, name, str(exc))
+                    break
+        finally:
+            label = method if method in KEY_METHODS else "OTHER"
+            metrics.REQUESTS.labels(label, resp.status_code if resp.status else 200).inc()
+            metrics.LATENCY.labels(label).observe(time.perf_counter() - started)
+
+    def _dispatch(self, req: falcon.Request, resp: falcon.Response) -> None:
+        if req.method not in KEY_METHODS:
+            resp.set_header("Allow", ", ".join(KEY_METHODS))
+            error_body(resp, falcon.HTTP_405, "method_not_allowed", f"{req.method} is not supported")
+            return
+        key, query = raw_target(req)
+        listing = core.parse_query(query)
+        if listing is not None:
+            if req.method not in ("GET", "HEAD"):
+                raise core.BadQuery(f"?list and ?unlinked are for GET, not {req.method}")
+            self._list(req, resp, check_key(key, self.cfg.max_key_bytes, prefix=True), listing)
+            return
+        key = check_key(key, self.cfg.max_key_bytes)
+        getattr(self, "_" + req.method.lower())(req, resp, key)
+
+    def _get(self, req: falcon.Request, resp: falcon.Response, key: str) -> None:
+        store = self.store()
+        target, record = store.locate(key)
+        if isinstance(target, core.Redirect):
+            resp.status = falcon.HTTP_302
+            resp.location = target.location
+            if record is not None:
+                resp.set_header("Content-Md5", record.md5)
+                resp.set_header("Key-Volumes", ",".join(record.volumes))
+                resp.set_header("Key-Balance", "balanced" if store.balanced(record) else "unbalanced")
+        elif isinstance(target, core.Unavailable):
+            error_body(resp, falcon.HTTP_503, "unavailable", target.reason)
+        else:
+            error_body(resp, falcon.HTTP_404, "not_found", key)
+
+    _head = _get
+
+    def _put(self, req: falcon.Request, resp: falcon.Response, key: str) -> None:
+        if req.get_header("Transfer-Encoding") or req.content_length is None:
+            error_body(resp, falcon.HTTP_411, "length_required", "send a Content-Length")
+            return
+        length = req.content_length
+        if length == 0:
+            error_body(resp, falcon.HTTP_411, "length_required", "empty value")
+            return
+        if length > self.cfg.max_value_bytes:
+            error_body(resp, falcon.HTTP_413, "too_large",
+                       f"{length} bytes is over the limit of {self.cfg.max_value_bytes}")
+            return
+        self.store().put(key, length, req.bounded_stream.read, req.get_header("Content-MD5"))
+        metrics.PUT_BYTES.inc(length)
+        resp.status = falcon.HTTP_201
+
+    def _delete(self, req: falcon.Request, resp: falcon.Response, key: str) -> None:
+        self.store().delete(key)
+        resp.status = falcon.HTTP_204
+
+    def _unlink(self, req: falcon.Request, resp: falcon.Response, key: str) -> None:
+        self.store().unlink(key)
+        resp.status = falcon.HTTP_204
+
+    def _list(self, req: falcon.Request, resp: falcon.Response, prefix: str,
+              q: core.ListQuery) -> None:
+        reader = self.store().reader
+        resp.content_type = falcon.MEDIA_JSON
+        if q.limit is not None:
+            keys, nxt = reader.list_keys(prefix, q.start, q.limit, q.state)
+            resp.text = json.dumps({"next": nxt, "keys": keys}, ensure_ascii=False)
+            return
+
+        def stream() -> Iterator[bytes]:
+            yield b'{"next": "", "keys": ['
+            for i, key in enumerate(reader.iter_keys(prefix, q.start, q.state)):
+                yield (", " if i else "").encode() + json.dumps(key, ensure_ascii=False).encode()
+            yield b"]}"
+
+        resp.stream = stream()
+
+
+class HealthResource:
+    """/-/health: 200 when the service can take writes, 503 when it cannot."""
+
+    def __init__(self, cfg: Config, store: Callable[[], Store]) -> None:
+        self.cfg = cfg
+        self.store = store
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        store = self.store()
+        health = store.health()
+        rows = store.reader.health()
+        volumes = []
+        for vol in self.cfg.volumes:
+            row = rows.get(vol)
+            volumes.append({
+                "volume": vol,
+                "up": health.get(vol, Health.UNKNOWN) is not Health.DOWN,
+                "status": health.get(vol, Health.UNKNOWN).value,
+                "since": row.since if row else None,
+                "checked": row.checked if row else None,
+                "latency_ms": row.latency_ms if row else None,
+                "error": row.error if row else None,
+            })
+        try:
+            writer = store.writer.ping()
+            writer_info = {"up": True, "pid": writer["pid"], "commits": writer["commits"],
+                           "committed_ops": writer["committed_ops"], "locks": writer["locks"]}
+        except WriterError as exc:
+            writer_info = {"up": False, "error": str(exc)}
+        usable = [v["volume"] for v in volumes if v["up"]]
+        can_write = writer_info["up"] and core.distinct_domains(usable) >= self.cfg.replicas
+        resp.status = falcon.HTTP_200 if can_write else falcon.HTTP_503
+        resp.media = {"status": "ok" if can_write else "degraded", "pid": os.getpid(),
+                      "replicas": self.cfg.replicas, "writer": writer_info, "volumes": volumes}
+
+    on_head = on_get
+
+
+class MetricsResource:
+    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        body, ctype = metrics.render()
+        resp.content_type = ctype
+        resp.data = body
+
+
+def create_app(cfg: Config, store: Callable[[], Store]) -> falcon.App:
+    """The WSGI app. `store` is called per request and builds the worker's Store lazily."""
+    app = falcon.App(media_type=falcon.MEDIA_JSON)
+    app.add_route("/-/health", HealthResource(cfg, store))
+    app.add_route("/-/metrics", MetricsResource())
+    app.add_sink(KeyResource(cfg, store), prefix="/")
+
+    def on_error(req: falcon.Request, resp: falcon.Response, ex: Exception, params: dict) -> None:
+        if isinstance(ex, falcon.HTTPError):
+            error_body(resp, ex.status, ex.title.lower().replace(" ", "_"), ex.description or "")
+            return
+        log.exception("unhandled error on %s %s", req.method, req.path)
+        error_body(resp, falcon.HTTP_500, "internal", type(ex).__name__)
+
+    app.add_error_handler(Exception, on_error)
+    return app

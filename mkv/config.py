@@ -1,0 +1,206 @@
+"""One configuration for every mkv command: file, MKV_* environment, flags.
+
+configargparse gives the precedence operators expect (flag > environment >
+config file > default). Everything is validated at start, one line per
+problem, and a bad configuration exits with code 2 before anything runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import configargparse
+
+from mkv.ring import BadVolume, failure_domain, parse_volume
+
+#: Longest path a unix socket may have on Linux (sun_path is 108 bytes with the NUL).
+MAX_SOCKET_PATH = 107
+
+
+class ConfigError(Exception):
+    """The configuration cannot run; `problems` has one line per problem."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("; ".join(problems))
+        self.problems = problems
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Validated settings shared by the service and the tools."""
+
+    volumes: tuple[str, ...]
+    replicas: int = 3
+    db: str = "/var/lib/mkv/index.db"
+    bind: str = "127.0.0.1"
+    port: int = 3000
+    workers: int = 4
+    threads: int = 16
+    writer_socket: str = ""
+    max_key_bytes: int = 1024
+    max_value_bytes: int = 1 << 30
+    volume_timeout: float = 10.0
+    protect: bool = False
+    fallback: str = ""
+    md5: bool = True
+    synchronous: str = "NORMAL"
+    vnodes: int = 0
+    health_interval: float = 1.0
+    health_timeout: float = 1.0
+    health_fail_count: int = 2
+    health_ok_count: int = 2
+    log_level: str = "info"
+
+    def __post_init__(self) -> None:
+        if not self.writer_socket:
+            object.__setattr__(self, "writer_socket", default_writer_socket(self.db))
+
+
+def default_writer_socket(db: str) -> str:
+    """The writer's socket sits beside the index, so any command given `db` finds it."""
+    return db + ".writer.sock"
+
+
+def _bool(text: str | bool) -> bool:
+    if isinstance(text, bool):
+        return text
+    value = text.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError(f"not a boolean: {text!r}")
+
+
+def _volume_list(text: str) -> list[str]:
+    return [part for part in (p.strip() for p in text.replace(" ", ",").split(",")) if part]
+
+
+def build_parser(prog: str, description: str) -> configargparse.ArgumentParser:
+    """The parser every command starts from; commands add their own options."""
+    p = configargparse.ArgumentParser(
+        prog=prog,
+        description=description,
+        auto_env_var_prefix="MKV_",
+        config_file_parser_class=configargparse.DefaultConfigFileParser,
+        formatter_class=configargparse.ArgumentDefaultsHelpFormatter,
+    )
+    d = Config(volumes=())
+    p.add_argument("-c", "--config", is_config_file=True, env_var="MKV_CONFIG",
+                   help="config file (see etc/mkv.conf)")
+    p.add_argument("--volumes", default="", help="volumes, comma separated: host:port[/prefix]")
+    p.add_argument("--replicas", type=int, default=d.replicas, help="copies of every value")
+    p.add_argument("--db", default=d.db, help="SQLite index file")
+    p.add_argument("--bind", default=d.bind, help="address the service listens on")
+    p.add_argument("--port", type=int, default=d.port, help="port the service listens on")
+    p.add_argument("--workers", type=int, default=d.workers, help="gunicorn worker processes")
+    p.add_argument("--threads", type=int, default=d.threads, help="threads per worker")
+    p.add_argument("--writer-socket", default="", help="writer's unix socket (default: <db>.writer.sock)")
+    p.add_argument("--max-key-bytes", type=int, default=d.max_key_bytes, help="longest key, UTF-8 bytes")
+    p.add_argument("--max-value-bytes", type=int, default=d.max_value_bytes, help="largest value")
+    p.add_argument("--volume-timeout", type=float, default=d.volume_timeout,
+                   help="seconds to wait on a volume (connect and each read)")
+    p.add_argument("--protect", type=_bool, default=d.protect, help="DELETE needs an UNLINK first")
+    p.add_argument("--fallback", default=d.fallback,
+                   help="host:port to redirect GETs of missing keys to (migration)")
+    p.add_argument("--md5", type=_bool, default=d.md5, help="compute and check md5 of values")
+    p.add_argument("--synchronous", default=d.synchronous, help="SQLite synchronous: NORMAL or FULL")
+    p.add_argument("--vnodes", type=int, default=d.vnodes, help="virtual nodes per volume (0: default)")
+    p.add_argument("--health-interval", type=float, default=d.health_interval,
+                   help="seconds between volume probes")
+    p.add_argument("--health-timeout", type=float, default=d.health_timeout, help="probe timeout")
+    p.add_argument("--health-fail-count", type=int, default=d.health_fail_count,
+                   help="failed probes before a volume is down")
+    p.add_argument("--health-ok-count", type=int, default=d.health_ok_count,
+                   help="good probes before a volume is up again")
+    p.add_argument("--log-level", default=d.log_level, help="debug, info, warning, error")
+    return p
+
+
+def validate(ns: configargparse.Namespace, *, need_volumes: bool = True) -> Config:
+    """Turn parsed options into a Config, collecting every problem before failing."""
+    problems: list[str] = []
+    volumes: list[str] = []
+    for text in _volume_list(ns.volumes or ""):
+        try:
+            volumes.append(parse_volume(text))
+        except BadVolume as exc:
+            problems.append(f"volumes: {exc}")
+    if len(set(volumes)) != len(volumes):
+        problems.append("volumes: a volume is listed twice")
+    if need_volumes and not volumes and not any(p.startswith("volumes") for p in problems):
+        problems.append("volumes: none given (--volumes host:port,... or MKV_VOLUMES)")
+    domains = {failure_domain(v) for v in volumes}
+    if ns.replicas < 1:
+        problems.append("replicas: must be at least 1")
+    elif volumes and ns.replicas > len(domains):
+        problems.append(
+            f"replicas: {ns.replicas} copies need {ns.replicas} failure domains (host:port), "
+            f"only {len(domains)} configured"
+        )
+    for name, low in (("port", 1), ("workers", 1), ("threads", 1), ("max_key_bytes", 1),
+                      ("max_value_bytes", 1), ("health_fail_count", 1), ("health_ok_count", 1)):
+        if getattr(ns, name) < low:
+            problems.append(f"{name.replace('_', '-')}: must be at least {low}")
+    if ns.port > 65535:
+        problems.append("port: must be at most 65535")
+    if ns.vnodes < 0:
+        problems.append("vnodes: must not be negative")
+    for name in ("volume_timeout", "health_interval", "health_timeout"):
+        if getattr(ns, name) <= 0:
+            problems.append(f"{name.replace('_', '-')}: must be positive")
+    synchronous = str(ns.synchronous).upper()
+    if synchronous not in ("OFF", "NORMAL", "FULL", "EXTRA"):
+        problems.append("synchronous: must be NORMAL, FULL, EXTRA or OFF")
+    if ns.log_level.lower() not in ("debug", "info", "warning", "error", "critical"):
+        problems.append("log-level: must be debug, info, warning, error or critical")
+    db_dir = Path(ns.db).resolve().parent
+    if not db_dir.is_dir():
+        problems.append(f"db: directory {db_dir} does not exist")
+    elif not os.access(db_dir, os.W_OK | os.X_OK):
+        problems.append(f"db: directory {db_dir} is not writable")
+    socket_path = ns.writer_socket or default_writer_socket(ns.db)
+    if len(os.fsencode(socket_path)) > MAX_SOCKET_PATH:
+        problems.append(f"writer-socket: {socket_path} is longer than {MAX_SOCKET_PATH} bytes "
+                        "(set --writer-socket to a shorter path)")
+    if ns.fallback:
+        try:
+            parse_volume(ns.fallback)
+        except BadVolume as exc:
+            problems.append(f"fallback: {exc}")
+    if problems:
+        raise ConfigError(problems)
+    return Config(
+        volumes=tuple(volumes), replicas=ns.replicas, db=ns.db, bind=ns.bind, port=ns.port,
+        workers=ns.workers, threads=ns.threads, writer_socket=ns.writer_socket,
+        max_key_bytes=ns.max_key_bytes, max_value_bytes=ns.max_value_bytes,
+        volume_timeout=ns.volume_timeout, protect=ns.protect, fallback=ns.fallback, md5=ns.md5,
+        synchronous=synchronous, vnodes=ns.vnodes, health_interval=ns.health_interval,
+        health_timeout=ns.health_timeout, health_fail_count=ns.health_fail_count,
+        health_ok_count=ns.health_ok_count, log_level=ns.log_level.lower(),
+    )
+
+
+def load(
+    argv: Sequence[str] | None,
+    prog: str = "mkv",
+    description: str = "mkv",
+    *,
+    extend: Callable[[configargparse.ArgumentParser], None] | None = None,
+    need_volumes: bool = True,
+) -> tuple[Config, configargparse.Namespace]:
+    """Parse and validate; on a bad configuration print each problem and exit 2."""
+    parser = build_parser(prog, description)
+    if extend is not None:
+        extend(parser)
+    ns = parser.parse_args(argv)
+    try:
+        return validate(ns, need_volumes=need_volumes), ns
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(f"{prog}: config: {problem}", file=sys.stderr)
+        raise SystemExit(2) from None

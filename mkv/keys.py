@@ -1,0 +1,91 @@
+"""Key validation and the on-disk names of a key's blob and sidecar.
+
+A key is the percent-decoded URL path (leading slash included, as minikeyvalue's
+clients expect), UTF-8, without control characters. Its blob lives under the
+sha256 of the key, fanned out over two directory levels so no directory grows
+past 65,536 entries; the `.key` sidecar beside it lets `mkv-rebuild` recover the key.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from urllib.parse import unquote_to_bytes
+
+#: Paths under this prefix belong to the service itself (health, metrics).
+RESERVED_PREFIX = "/-/"
+
+
+class BadKey(ValueError):
+    """The request path cannot be a key; the message says why, for the 400 body."""
+
+
+def decode_path(raw_path: str | bytes) -> str:
+    """Percent-decode a raw request path (no query) into a key, strictly as UTF-8.
+
+    The raw path is used rather than the server's decoded one so that invalid
+    UTF-8 is refused instead of silently replaced.
+    """
+    if isinstance(raw_path, str):
+        raw_path = raw_path.encode("latin-1")
+    try:
+        return unquote_to_bytes(raw_path).decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise BadKey("key is not valid UTF-8 after percent-decoding") from exc
+
+
+def check_key(key: str, max_key_bytes: int, *, prefix: bool = False) -> str:
+    """Return `key` if it may be stored, else raise BadKey.
+
+    With `prefix=True` the bare "/" (list everything) is allowed.
+    """
+    if not key.startswith("/"):
+        raise BadKey("key must start with /")
+    if key == "/" and not prefix:
+        raise BadKey("empty key")
+    if len(key.encode("utf-8")) > max_key_bytes:
+        raise BadKey(f"key longer than {max_key_bytes} bytes")
+    if any(ord(c) < 0x20 or 0x7F <= ord(c) < 0xA0 for c in key):
+        raise BadKey("key contains control characters")
+    if key.startswith(RESERVED_PREFIX) or key == RESERVED_PREFIX.rstrip("/"):
+        raise BadKey(f"keys under {RESERVED_PREFIX} are reserved")
+    return key
+
+
+def key_hash(key: str) -> str:
+    """Hex sha256 of the key: the blob's file name on every volume."""
+    return hashlib.sha256(key.encode("utf-8")).hexdigest()
+
+
+def blob_path(key: str) -> str:
+    """URL path of the key's blob on a volume: /<h[0:2]>/<h[2:4]>/<h>."""
+    h = key_hash(key)
+    return f"/{h[0:2]}/{h[2:4]}/{h}"
+
+
+def sidecar_path(key: str) -> str:
+    """URL path of the key's sidecar, written only once the blob is complete."""
+    return blob_path(key) + ".key"
+
+
+def sidecar_body(key: str, size: int, md5: str) -> bytes:
+    """The sidecar's one line of JSON."""
+    return json.dumps({"key": key, "size": size, "md5": md5}, ensure_ascii=False).encode() + b"\n"
+
+
+def next_prefix(prefix: str) -> str | None:
+    """Smallest string greater than every string starting with `prefix` (by UTF-8 bytes).
+
+    SQLite's BINARY collation compares UTF-8 bytes, which order the same as code
+    points, so incrementing the last code point gives the exclusive upper bound
+    of a range scan. None means "no upper bound".
+    """
+    chars = list(prefix)
+    while chars:
+        last = ord(chars.pop())
+        if last < 0x10FFFF:
+            nxt = last + 1
+            if 0xD800 <= nxt <= 0xDFFF:  # surrogates cannot be encoded
+                nxt = 0xE000
+            return "".join(chars) + chr(nxt)
+    return None

@@ -1,0 +1,171 @@
+"""Running the service under gunicorn: the application, its hooks, and the
+per-worker state that must be opened after fork.
+
+`mkv serve` and plain `gunicorn -c python:mkv.gunicorn_conf mkv.wsgi:app`
+share these hooks: the master starts the writer before any worker exists and
+stops it after the workers have drained.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+from typing import Any
+
+from gunicorn.app.base import BaseApplication
+from gunicorn.config import Config as GunicornConfig
+
+
+def _share_metrics_between_workers() -> None:
+    """prometheus_client picks its storage when first imported, so the multiprocess
+    directory must be in the environment before anything imports mkv.metrics."""
+    if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="mkv-metrics-")
+        os.environ["MKV_OWN_METRICS_DIR"] = "1"
+
+
+_share_metrics_between_workers()
+
+from mkv import config as config_mod  # noqa: E402
+from mkv import index, metrics
+from mkv.config import Config  # noqa: E402
+from mkv.store import Store
+from mkv.volume import VolumePool
+from mkv.writer import WriterClient, wait_ready
+
+log = logging.getLogger("mkv.server")
+
+_config: Config | None = None
+_children: dict[str, subprocess.Popen] = {}
+
+
+def set_config(cfg: Config) -> None:
+    global _config
+    _config = cfg
+
+
+def get_config() -> Config:
+    """The service's config: set by `mkv serve`, else read from MKV_* / MKV_CONFIG."""
+    global _config
+    if _config is None:
+        _config, _ = config_mod.load([], prog="mkv serve")
+    return _config
+
+
+# --- per-worker state, built lazily after fork -----------------------------------------
+
+_store: Store | None = None
+_store_pid = 0
+_store_lock = threading.Lock()
+
+
+def worker_store() -> Store:
+    """This process's Store; a forked child never reuses its parent's sockets or SQLite."""
+    global _store, _store_pid
+    if _store is None or _store_pid != os.getpid():
+        with _store_lock:
+            if _store is None or _store_pid != os.getpid():
+                cfg = get_config()
+                reader = index.Reader(index.connect(cfg.db, synchronous=cfg.synchronous))
+                pool = VolumePool(cfg.volume_timeout, maxsize=cfg.threads * 2)
+                _store = Store(cfg, reader, pool,
+                               lambda: WriterClient(cfg.writer_socket, timeout=cfg.volume_timeout * 3))
+                _store_pid = os.getpid()
+    return _store
+
+
+# --- hooks -----------------------------------------------------------------------------
+
+
+def _start_writer(cfg: Config) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "mkv.writer", "--db", cfg.db, "--socket", cfg.writer_socket,
+           "--synchronous", cfg.synchronous, "--log-level", cfg.log_level]
+    proc = subprocess.Popen(cmd, start_new_session=False)
+    try:
+        wait_ready(cfg.writer_socket, timeout=15)
+    except Exception:
+        proc.kill()
+        raise
+    return proc
+
+
+def on_starting(server: Any) -> None:
+    """Master, before forking workers: prepare metrics and start the writer."""
+    cfg = get_config()
+    _children["writer"] = _start_writer(cfg)
+    log.info("writer started (pid %d) on %s", _children["writer"].pid, cfg.writer_socket)
+
+
+def child_exit(server: Any, worker: Any) -> None:
+    metrics.worker_exited(worker.pid)
+
+
+def on_exit(server: Any) -> None:
+    """Master, after the workers are gone: stop the writer (it finishes its batch first)."""
+    for name, proc in list(_children.items()):
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        log.info("%s stopped", name)
+        _children.pop(name, None)
+    if os.environ.pop("MKV_OWN_METRICS_DIR", None):
+        shutil.rmtree(os.environ.pop("PROMETHEUS_MULTIPROC_DIR", ""), ignore_errors=True)
+
+
+def gunicorn_settings(cfg: Config) -> dict[str, Any]:
+    """Everything gunicorn needs, shared by `mkv serve` and the gunicorn config file."""
+    settings = {
+        "bind": [f"{cfg.bind}:{cfg.port}"],
+        "workers": cfg.workers,
+        "worker_class": "gthread",
+        "threads": cfg.threads,
+        # gthread heartbeats from its main thread, so a long upload never trips this.
+        "timeout": 60,
+        "graceful_timeout": 30,
+        "keepalive": 5,
+        "loglevel": cfg.log_level,
+        "errorlog": "-",
+        "proc_name": "mkv",
+        "on_starting": on_starting,
+        "child_exit": child_exit,
+        "on_exit": on_exit,
+    }
+    if "control_socket_disable" in GunicornConfig().settings:
+        # a fixed-path control socket would collide between services on one machine
+        settings["control_socket_disable"] = True
+    return settings
+
+
+class MkvApplication(BaseApplication):
+    """gunicorn run in-process by `mkv serve`, configured from our Config."""
+
+    def __init__(self, cfg: Config) -> None:
+        self.cfg_mkv = cfg
+        super().__init__()
+
+    def load_config(self) -> None:
+        for name, value in gunicorn_settings(self.cfg_mkv).items():
+            self.cfg.set(name, value)
+
+    def load(self) -> Any:
+        from mkv.wsgi import app
+
+        return app
+
+
+def serve(cfg: Config) -> int:
+    set_config(cfg)
+    logging.basicConfig(level=cfg.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s [%(process)d] [%(name)s] %(levelname)s %(message)s")
+    MkvApplication(cfg).run()
+    return 0

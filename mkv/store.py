@@ -1,0 +1,265 @@
+"""The service's operations on keys: core decisions carried out against the
+index, the writer and the volumes. One Store per worker process, built after fork.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import itertools
+import logging
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+
+from mkv import core, index
+from mkv.config import Config
+from mkv.core import Health, Verdict
+from mkv.index import Record, State
+from mkv.keys import blob_path, sidecar_body, sidecar_path
+from mkv.ring import Ring
+from mkv.volume import FanOut, UploadAborted, VolumeError, VolumePool
+from mkv.writer import KeyLocked, WriterClient
+
+log = logging.getLogger("mkv.store")
+
+CHUNK = 1 << 20
+HEALTH_CACHE_SECONDS = 0.5
+
+
+class StoreError(Exception):
+    """Base of every answer a key operation gives instead of success."""
+
+
+class KeyExists(StoreError):
+    pass
+
+
+class KeyMissing(StoreError):
+    pass
+
+
+class Protected(StoreError):
+    pass
+
+
+class InFlight(StoreError):
+    pass
+
+
+class BadDigest(StoreError):
+    pass
+
+
+class ClientGone(StoreError):
+    """The request body ended early: the client went away mid-upload."""
+
+
+class Unavailable(StoreError):
+    """Not enough healthy volumes, or the writer is not answering."""
+
+
+class VolumeFailed(StoreError):
+    """A volume failed during the operation; nothing was recorded."""
+
+
+def parse_content_md5(header: str | None) -> str | None:
+    """Content-MD5 as hex; accepts RFC 1864 base64 and plain hex."""
+    if not header:
+        return None
+    text = header.strip()
+    if len(text) == 32:
+        try:
+            bytes.fromhex(text)
+            return text.lower()
+        except ValueError:
+            pass
+    try:
+        raw = base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise BadDigest("Content-MD5 is neither base64 nor hex") from None
+    if len(raw) != 16:
+        raise BadDigest("Content-MD5 is not 16 bytes")
+    return raw.hex()
+
+
+class Store:
+    def __init__(self, cfg: Config, reader: index.Reader, pool: VolumePool,
+                 writer_factory: Callable[[], WriterClient]) -> None:
+        self.cfg = cfg
+        self.reader = reader
+        self.pool = pool
+        self.ring = Ring(cfg.volumes, **({"vnodes": cfg.vnodes} if cfg.vnodes else {}))
+        self.executor = ThreadPoolExecutor(max_workers=cfg.threads * cfg.replicas * 2,
+                                           thread_name_prefix="mkv-io")
+        self._writer_factory = writer_factory
+        self._local = threading.local()
+        self._health: dict[str, Health] = {}
+        self._health_at = -1.0
+        self._spread = itertools.count()
+
+    # --- facts ---
+
+    @property
+    def writer(self) -> WriterClient:
+        client = getattr(self._local, "writer", None)
+        if client is None:
+            client = self._local.writer = self._writer_factory()
+        return client
+
+    def health(self) -> dict[str, Health]:
+        now = time.monotonic()
+        if now - self._health_at > HEALTH_CACHE_SECONDS:
+            stale = max(3 * self.cfg.health_interval, 3 * self.cfg.health_timeout) + 1.0
+            self._health = core.health_status(self.reader.health(), time.time(), stale)
+            self._health_at = now
+        return self._health
+
+    # --- reads ---
+
+    def locate(self, key: str) -> tuple[core.ReadTarget, Record | None]:
+        record = self.reader.get(key)
+        target = core.read_target(key, record, self.health(), self.cfg.fallback, next(self._spread))
+        return target, record
+
+    def balanced(self, record: Record) -> bool:
+        return core.balanced(record, self.ring, self.cfg.replicas)
+
+    # --- writes ---
+
+    def _lock(self, key: str) -> Record | None:
+        try:
+            return self.writer.lock(key)
+        except KeyLocked:
+            raise InFlight(key) from None
+
+    def _unlock(self, key: str) -> None:
+        try:
+            self.writer.unlock(key)
+        except Exception:  # noqa: BLE001 - the lock dies with the connection anyway
+            self.writer.close()
+
+    def put(self, key: str, length: int, read: Callable[[int], bytes], content_md5: str | None) -> Record:
+        """Stream `length` bytes from `read` to R volumes, then record them."""
+        expect_md5 = parse_content_md5(content_md5)
+        current = self._lock(key)
+        try:
+            if core.put_verdict(current) is Verdict.EXISTS:
+                raise KeyExists(key)
+            try:
+                volumes = core.place(key, self.ring, self.health(), self.cfg.replicas)
+            except core.NotEnoughVolumes as exc:
+                raise Unavailable(str(exc)) from None
+            md5 = self._upload(key, volumes, length, read, expect_md5)
+            record = Record(key, State.LIVE, tuple(volumes), length, md5, time.time())
+            self.writer.put(record)
+            if current is not None and current.state is State.DELETING:
+                self._cleanup_after_reput(current, volumes)
+            return record
+        except BaseException:
+            self._unlock(key)
+            raise
+
+    def _upload(self, key: str, volumes: list[str], length: int, read: Callable[[int], bytes],
+                expect_md5: str | None) -> str:
+        digest = hashlib.md5(usedforsecurity=False) if (self.cfg.md5 or expect_md5) else None
+        path = blob_path(key)
+        fan = FanOut(self.pool, self.executor, volumes, path, length)
+        got = 0
+        try:
+            while got < length:
+                try:
+                    chunk = read(min(CHUNK, length - got))
+                except (OSError, ValueError) as exc:
+                    raise ClientGone(str(exc)) from exc
+                if not chunk:
+                    raise ClientGone(f"body ended after {got} of {length} bytes")
+                got += len(chunk)
+                if digest is not None:
+                    digest.update(chunk)
+                fan.send(chunk)
+                if fan.failed.is_set():
+                    break
+        except BaseException:
+            fan.abort()
+            self._remove(key, volumes)
+            raise
+        md5 = digest.hexdigest() if digest is not None else ""
+        results = fan.finish()
+        if core.put_outcome(results) is not core.PutOutcome.STORED or got != length:
+            self._remove(key, volumes)
+            errors = [r for r in results if r is not None and not isinstance(r, UploadAborted)]
+            raise VolumeFailed("; ".join(str(e) for e in errors) or "upload failed")
+        if expect_md5 is not None and expect_md5 != md5:
+            self._remove(key, volumes)
+            raise BadDigest(f"Content-MD5 {expect_md5} does not match the body's {md5}")
+        body = sidecar_body(key, length, md5)
+        errors = self._each(volumes, lambda v: self.pool.put(v, sidecar_path(key), body, len(body)))
+        if errors:
+            self._remove(key, volumes)
+            raise VolumeFailed("; ".join(str(e) for e in errors))
+        return md5
+
+    def _each(self, volumes: list[str] | tuple[str, ...],
+              fn: Callable[[str], None]) -> list[VolumeError]:
+        """Run `fn` on every volume in parallel; the volume errors, if any."""
+        futures = [self.executor.submit(fn, v) for v in volumes]
+        errors = []
+        for fut in futures:
+            exc = fut.exception()
+            if isinstance(exc, VolumeError):
+                errors.append(exc)
+            elif exc is not None:
+                raise exc
+        return errors
+
+    def _remove(self, key: str, volumes: list[str] | tuple[str, ...]) -> list[VolumeError]:
+        """Delete a key's sidecar, then its blob, on each volume (sidecar first, so a
+        half-removed copy is an unfinished write, never a resurrectable one)."""
+        def rm(vol: str) -> None:
+            self.pool.delete(vol, sidecar_path(key))
+            self.pool.delete(vol, blob_path(key))
+        errors = self._each(volumes, rm)
+        for err in errors:
+            log.warning("could not remove %r from %s: %s", key, err.volume, err.detail)
+        return errors
+
+    def _cleanup_after_reput(self, old: Record, new_volumes: list[str]) -> None:
+        stale = core.cleanup_volumes(old, new_volumes)
+        if stale:
+            self._remove(old.key, stale)
+
+    def delete(self, key: str) -> None:
+        """Hard delete: hide the key at once, then remove its copies.
+
+        The record is first marked DELETING (durably), so a crash or a down
+        volume leaves a pending cleanup, never a key that points at nothing.
+        """
+        current = self._lock(key)
+        try:
+            verdict = core.delete_verdict(current, self.cfg.protect)
+            if verdict is Verdict.MISSING:
+                raise KeyMissing(key)
+            if verdict is Verdict.PROTECTED:
+                raise Protected(key)
+            self.writer.set_state(key, State.DELETING, keep_lock=True)
+            if self._remove(key, current.volumes):
+                self.writer.unlock(key)  # stays DELETING: cleanup finishes it later
+            else:
+                self.writer.delete(key)
+        except BaseException:
+            self._unlock(key)
+            raise
+
+    def unlink(self, key: str) -> None:
+        """Soft delete: invisible to reads and ?list, blobs kept, listed by ?unlinked."""
+        current = self._lock(key)
+        try:
+            if core.unlink_verdict(current) is Verdict.MISSING:
+                raise KeyMissing(key)
+            self.writer.set_state(key, State.UNLINKED)
+        except BaseException:
+            self._unlock(key)
+            raise

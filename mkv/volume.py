@@ -1,0 +1,202 @@
+"""Talking to nginx volumes: one urllib3 pool per process, typed errors.
+
+Every failure is one of a few exception classes, so callers decide by type
+(and the health of a volume can be charged) instead of parsing messages.
+"""
+
+from __future__ import annotations
+
+import json
+import queue
+import threading
+from collections.abc import Iterable, Iterator
+from concurrent.futures import Executor, Future
+
+import urllib3
+from urllib3.exceptions import (
+    ConnectTimeoutError,
+    HTTPError,
+    NewConnectionError,
+    ProtocolError,
+    ReadTimeoutError,
+)
+
+
+class VolumeError(Exception):
+    """A volume request failed. `volume` is the one to blame."""
+
+    def __init__(self, volume: str, detail: str) -> None:
+        super().__init__(f"{volume}: {detail}")
+        self.volume = volume
+        self.detail = detail
+
+
+class VolumeUnreachable(VolumeError):
+    """Connection refused or reset: the volume is not there."""
+
+
+class VolumeTimeout(VolumeError):
+    """The volume accepted but did not answer in time."""
+
+
+class VolumeStatus(VolumeError):
+    """The volume answered with a status the operation does not allow."""
+
+    def __init__(self, volume: str, status: int, method: str, path: str) -> None:
+        super().__init__(volume, f"{method} {path} answered {status}")
+        self.status = status
+
+
+class ShortWrite(VolumeError):
+    """The body source ended before the announced length (a torn upload)."""
+
+
+class UploadAborted(Exception):
+    """The caller gave up on a streamed upload (client gone, another replica failed)."""
+
+
+def url(volume: str, path: str) -> str:
+    return f"http://{volume}{path}"
+
+
+class VolumePool:
+    """HTTP to volumes with per-host keep-alive pools; opened after fork, never inherited."""
+
+    def __init__(self, timeout: float, maxsize: int = 32) -> None:
+        self.timeout = urllib3.Timeout(connect=timeout, read=timeout)
+        self.http = urllib3.PoolManager(num_pools=64, maxsize=maxsize, block=False,
+                                        retries=False, timeout=self.timeout)
+
+    def _request(self, volume: str, method: str, path: str, *, ok: Iterable[int],
+                 body: bytes | Iterable[bytes] | None = None, headers: dict | None = None,
+                 preload: bool = True) -> urllib3.BaseHTTPResponse:
+        try:
+            resp = self.http.request(method, url(volume, path), body=body, headers=headers,
+                                     preload_content=preload, redirect=False)
+        except (ConnectTimeoutError, ReadTimeoutError) as exc:
+            raise VolumeTimeout(volume, f"{method} {path}: timed out") from exc
+        except UploadAborted:
+            raise
+        except (NewConnectionError, ProtocolError, HTTPError, OSError) as exc:
+            cause = exc.__context__ if isinstance(exc.__context__, UploadAborted) else None
+            if cause is not None:
+                raise cause from None
+            raise VolumeUnreachable(volume, f"{method} {path}: {exc}") from exc
+        if resp.status not in ok:
+            if not preload:
+                resp.release_conn()
+            raise VolumeStatus(volume, resp.status, method, path)
+        return resp
+
+    def put(self, volume: str, path: str, body: bytes | Iterable[bytes], length: int) -> None:
+        """PUT a file; nginx answers 201 for a new file and 204 for an overwrite."""
+        self._request(volume, "PUT", path, ok=(200, 201, 204), body=body,
+                      headers={"Content-Length": str(length)})
+
+    def delete(self, volume: str, path: str) -> None:
+        """DELETE a file; already gone (404) counts as done."""
+        self._request(volume, "DELETE", path, ok=(200, 204, 404))
+
+    def size(self, volume: str, path: str) -> int | None:
+        """Size of a file by HEAD, or None when it does not exist."""
+        resp = self._request(volume, "HEAD", path, ok=(200, 404))
+        if resp.status == 404:
+            return None
+        return int(resp.headers.get("Content-Length", "0"))
+
+    def get(self, volume: str, path: str) -> bytes:
+        return self._request(volume, "GET", path, ok=(200,)).data
+
+    def stream(self, volume: str, path: str) -> urllib3.BaseHTTPResponse:
+        """An open response to read in chunks; the caller must release it."""
+        return self._request(volume, "GET", path, ok=(200,), preload=False)
+
+    def listdir(self, volume: str, path: str) -> list[dict]:
+        """nginx's autoindex JSON of a directory: [{"name", "type", "size", ...}]; [] if absent."""
+        resp = self._request(volume, "GET", path.rstrip("/") + "/", ok=(200, 404))
+        if resp.status == 404:
+            return []
+        try:
+            return json.loads(resp.data)
+        except ValueError as exc:
+            raise VolumeError(volume, f"GET {path}: bad autoindex JSON") from exc
+
+    def ping(self, volume: str) -> None:
+        """Cheapest request that proves the volume serves HTTP."""
+        self._request(volume, "HEAD", "/", ok=(200, 403, 404))
+
+
+_END = object()
+_ABORT = object()
+
+
+class FanOut:
+    """Stream one body to several volumes at once with bounded memory.
+
+    Each replica's PUT runs in the executor, pulling chunks from its own small
+    queue; `send` blocks while the slowest replica is behind, so at most
+    `depth` chunks per replica are ever held.
+    """
+
+    def __init__(self, pool: VolumePool, executor: Executor, volumes: list[str], path: str,
+                 length: int, depth: int = 4) -> None:
+        self.volumes = volumes
+        self.length = length
+        self.failed = threading.Event()
+        self._queues: list[queue.Queue] = [queue.Queue(maxsize=depth) for _ in volumes]
+        self._futures: list[Future] = [
+            executor.submit(self._upload, pool, vol, path, q) for vol, q in zip(volumes, self._queues)
+        ]
+
+    def _body(self, vol: str, q: queue.Queue) -> Iterator[bytes]:
+        sent = 0
+        while True:
+            chunk = q.get()
+            if chunk is _END:
+                if sent != self.length:
+                    raise ShortWrite(vol, f"sent {sent} of {self.length} bytes")
+                return
+            if chunk is _ABORT:
+                raise UploadAborted()
+            sent += len(chunk)
+            yield chunk
+
+    def _upload(self, pool: VolumePool, vol: str, path: str, q: queue.Queue) -> None:
+        try:
+            pool.put(vol, path, self._body(vol, q), self.length)
+        except BaseException:
+            self.failed.set()
+            raise
+        finally:
+            self._drain(q)
+
+    @staticmethod
+    def _drain(q: queue.Queue) -> None:
+        while True:
+            try:
+                q.get_nowait()
+            except queue.Empty:
+                return
+
+    def _offer(self, item: object) -> None:
+        for q, fut in zip(self._queues, self._futures):
+            while not fut.done():
+                try:
+                    q.put(item, timeout=0.05)
+                    break
+                except queue.Full:
+                    continue
+
+    def send(self, chunk: bytes) -> None:
+        self._offer(chunk)
+
+    def finish(self) -> list[BaseException | None]:
+        """Close every body and wait; one entry per volume: None or the error."""
+        self._offer(_END)
+        return [fut.exception() for fut in self._futures]
+
+    def abort(self) -> None:
+        """Make every upload fail now, so nginx discards the partial bodies."""
+        self._offer(_ABORT)
+        for fut in self._futures:
+            fut.exception()

@@ -1,0 +1,468 @@
+"""The writer process: the only process that changes the index.
+
+Workers send requests over a unix socket as length-prefixed JSON frames. The
+writer is one thread around a selector: each turn it reads every request that
+has arrived, runs them all in one transaction (group commit), commits, and only
+then answers — so an answer means durable, and many concurrent PUTs cost one
+commit. Key locks live here too, owned by the connection that took them, so a
+worker that dies releases its locks when the kernel closes its socket.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import selectors
+import signal
+import socket
+import struct
+import sys
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import apsw
+
+from mkv import index
+from mkv.index import Record, State
+
+log = logging.getLogger("mkv.writer")
+
+_HEADER = struct.Struct("!I")
+MAX_FRAME = 64 << 20
+
+
+class WriterError(Exception):
+    """The writer refused or failed a request; `code` says why."""
+
+    def __init__(self, code: str, detail: str = "") -> None:
+        super().__init__(f"{code}: {detail}" if detail else code)
+        self.code = code
+        self.detail = detail
+
+
+class KeyLocked(WriterError):
+    """Another request holds the key's lock (a write to it is in flight)."""
+
+    def __init__(self, key: str) -> None:
+        super().__init__("locked", key)
+
+
+class WriterUnavailable(WriterError):
+    """No writer answers on the socket (not started, restarting, or dead)."""
+
+    def __init__(self, detail: str) -> None:
+        super().__init__("unavailable", detail)
+
+
+# --- framing ---------------------------------------------------------------------------
+
+
+def encode_frame(obj: Any) -> bytes:
+    body = json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode()
+    return _HEADER.pack(len(body)) + body
+
+
+def split_frames(buf: bytearray) -> list[Any]:
+    """Remove and decode every complete frame at the front of `buf`."""
+    out = []
+    while len(buf) >= _HEADER.size:
+        (n,) = _HEADER.unpack_from(buf)
+        if n > MAX_FRAME:
+            raise WriterError("bad_request", f"frame of {n} bytes")
+        if len(buf) < _HEADER.size + n:
+            break
+        out.append(json.loads(bytes(buf[_HEADER.size:_HEADER.size + n])))
+        del buf[:_HEADER.size + n]
+    return out
+
+
+def record_to_wire(rec: Record | None) -> dict | None:
+    if rec is None:
+        return None
+    return {"key": rec.key, "state": int(rec.state), "volumes": list(rec.volumes),
+            "size": rec.size, "md5": rec.md5, "mtime": rec.mtime}
+
+
+def record_from_wire(d: dict | None) -> Record | None:
+    if d is None:
+        return None
+    return Record(d["key"], State(d["state"]), tuple(d["volumes"]), d["size"], d["md5"], d["mtime"])
+
+
+# --- server ----------------------------------------------------------------------------
+
+
+class _Conn:
+    __slots__ = ("sock", "buf", "locks")
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.buf = bytearray()
+        self.locks: set[str] = set()
+
+
+class WriterServer:
+    """Selector loop + group commit. Not thread-safe: one thread runs `serve`."""
+
+    def __init__(self, db_path: str, socket_path: str, synchronous: str = "NORMAL") -> None:
+        self.db = index.open_index(db_path, synchronous=synchronous)
+        self.socket_path = socket_path
+        self.locks: dict[str, _Conn] = {}
+        self.sel = selectors.DefaultSelector()
+        self.stopping = False
+        self.commits = 0
+        self.committed_ops = 0
+        self.started = time.time()
+        self.listener = self._listen(socket_path)
+        self.sel.register(self.listener, selectors.EVENT_READ, None)
+
+    @staticmethod
+    def _listen(path: str) -> socket.socket:
+        if os.path.exists(path):
+            probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                probe.connect(path)
+            except OSError:
+                os.unlink(path)  # stale socket of a dead writer
+            else:
+                probe.close()
+                raise WriterError("busy", f"another writer is running on {path}")
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        tmp = f"{path}.{os.getpid()}.tmp"
+        sock.bind(tmp)
+        os.chmod(tmp, 0o600)
+        sock.listen(1024)
+        os.rename(tmp, path)  # appears only once it accepts connections
+        sock.setblocking(False)
+        return sock
+
+    def serve(self) -> None:
+        while not self.stopping:
+            batch: list[tuple[_Conn, dict]] = []
+            for skey, _ in self.sel.select(timeout=0.5):
+                if skey.data is None:
+                    self._accept()
+                else:
+                    self._read(skey.data, batch)
+            if batch:
+                self._run_batch(batch)
+        self.close()
+
+    def close(self) -> None:
+        for skey in list(self.sel.get_map().values()):
+            skey.fileobj.close()
+        self.sel.close()
+        try:
+            os.unlink(self.socket_path)
+        except FileNotFoundError:
+            pass
+        self.db.close()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                sock, _ = self.listener.accept()
+            except BlockingIOError:
+                return
+            sock.setblocking(False)
+            self.sel.register(sock, selectors.EVENT_READ, _Conn(sock))
+
+    def _read(self, conn: _Conn, batch: list[tuple[_Conn, dict]]) -> None:
+        try:
+            data = conn.sock.recv(1 << 20)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self._drop(conn)
+            return
+        conn.buf += data
+        try:
+            batch.extend((conn, req) for req in split_frames(conn.buf))
+        except (WriterError, ValueError):
+            log.warning("dropping a connection that sent a malformed frame")
+            self._drop(conn)
+
+    def _drop(self, conn: _Conn) -> None:
+        """A closed connection gives up its locks: a killed worker leaves no key locked."""
+        for key in conn.locks:
+            if self.locks.get(key) is conn:
+                del self.locks[key]
+        conn.locks.clear()
+        try:
+            self.sel.unregister(conn.sock)
+        except (KeyError, ValueError):
+            pass
+        conn.sock.close()
+
+    def _release(self, conn: _Conn, key: str) -> None:
+        if self.locks.get(key) is conn:
+            del self.locks[key]
+        conn.locks.discard(key)
+
+    def _run_batch(self, batch: list[tuple[_Conn, dict]]) -> None:
+        replies: list[tuple[_Conn, dict]] = []
+        releases: list[tuple[_Conn, str]] = []
+        writes = 0
+        try:
+            self.db.execute("BEGIN IMMEDIATE")
+            for conn, req in batch:
+                reply, release, wrote = self._apply(conn, req)
+                replies.append((conn, reply))
+                if release:
+                    releases.append((conn, release))
+                writes += wrote
+            self.db.execute("COMMIT")
+        except apsw.Error as exc:
+            log.error("commit failed: %s", exc)
+            if not self.db.getautocommit():
+                self.db.execute("ROLLBACK")
+            replies = [(c, {"ok": False, "error": "db_error", "detail": str(exc)}) for c, _ in batch]
+            releases = []
+        else:
+            if writes:
+                self.commits += 1
+                self.committed_ops += writes
+        for conn, key in releases:
+            self._release(conn, key)
+        for conn, reply in replies:
+            if conn.sock.fileno() < 0:
+                continue
+            try:
+                conn.sock.sendall(encode_frame(reply))
+            except (BlockingIOError, OSError):
+                self._drop(conn)
+
+    def _apply(self, conn: _Conn, req: dict) -> tuple[dict, str | None, int]:
+        """Run one request inside the batch; a failing one rolls back only itself."""
+        op = req.get("op")
+        handler: Callable | None = getattr(self, f"_op_{op}", None) if isinstance(op, str) else None
+        if handler is None:
+            return {"ok": False, "error": "bad_request", "detail": f"unknown op {op!r}"}, None, 0
+        self.db.execute("SAVEPOINT op")
+        try:
+            reply, release, wrote = handler(conn, req)
+        except WriterError as exc:
+            self.db.execute("ROLLBACK TO op")
+            reply, release, wrote = {"ok": False, "error": exc.code, "detail": exc.detail}, None, 0
+        except (KeyError, TypeError, ValueError, apsw.ConstraintError) as exc:
+            self.db.execute("ROLLBACK TO op")
+            reply, release, wrote = {"ok": False, "error": "bad_request", "detail": repr(exc)}, None, 0
+        self.db.execute("RELEASE op")
+        return reply, release, wrote
+
+    def _need_lock(self, conn: _Conn, key: str) -> None:
+        holder = self.locks.get(key)
+        if holder is None:
+            raise WriterError("not_locked", key)
+        if holder is not conn:
+            raise KeyLocked(key)
+
+    def _done(self, conn: _Conn, req: dict, **extra: Any) -> tuple[dict, str | None, int]:
+        release = None if req.get("keep_lock") else req["key"]
+        return {"ok": True, **extra}, release, 1
+
+    # ops: each returns (reply, key to unlock after the commit, number of writes)
+
+    def _op_ping(self, conn: _Conn, req: dict) -> tuple[dict, None, int]:
+        return {"ok": True, "pid": os.getpid(), "commits": self.commits,
+                "committed_ops": self.committed_ops, "locks": len(self.locks),
+                "uptime": time.time() - self.started}, None, 0
+
+    def _op_lock(self, conn: _Conn, req: dict) -> tuple[dict, None, int]:
+        key = req["key"]
+        if key in self.locks:
+            raise KeyLocked(key)
+        self.locks[key] = conn
+        conn.locks.add(key)
+        return {"ok": True, "record": record_to_wire(index.read_record(self.db, key))}, None, 0
+
+    def _op_unlock(self, conn: _Conn, req: dict) -> tuple[dict, str, int]:
+        return {"ok": True}, req["key"], 0
+
+    def _op_get(self, conn: _Conn, req: dict) -> tuple[dict, None, int]:
+        return {"ok": True, "record": record_to_wire(index.read_record(self.db, req["key"]))}, None, 0
+
+    def _op_put(self, conn: _Conn, req: dict) -> tuple[dict, str | None, int]:
+        """Write a record. `expect_volumes` makes it a compare-and-set (rebalance)."""
+        key = req["key"]
+        self._need_lock(conn, key)
+        if "expect_volumes" in req:
+            cur = index.read_record(self.db, key)
+            if cur is None or list(cur.volumes) != req["expect_volumes"]:
+                raise WriterError("conflict", key)
+        rec = Record(key, State(req.get("state", State.LIVE)), tuple(req["volumes"]),
+                     int(req["size"]), str(req["md5"]), float(req.get("mtime") or time.time()))
+        index.write_record(self.db, rec)
+        return self._done(conn, req)
+
+    def _op_state(self, conn: _Conn, req: dict) -> tuple[dict, str | None, int]:
+        self._need_lock(conn, req["key"])
+        if not index.write_state(self.db, req["key"], State(req["state"])):
+            raise WriterError("not_found", req["key"])
+        return self._done(conn, req)
+
+    def _op_delete(self, conn: _Conn, req: dict) -> tuple[dict, str | None, int]:
+        self._need_lock(conn, req["key"])
+        index.write_delete(self.db, req["key"])
+        return self._done(conn, req)
+
+    def _op_bulk(self, conn: _Conn, req: dict) -> tuple[dict, None, int]:
+        """Insert many records at once (rebuild); refuses keys someone holds locked."""
+        recs = [record_from_wire(d) for d in req["records"]]
+        for rec in recs:
+            if rec.key in self.locks:
+                raise KeyLocked(rec.key)
+        index.write_records(self.db, recs)
+        return {"ok": True, "count": len(recs)}, None, len(recs)
+
+
+# --- client ----------------------------------------------------------------------------
+
+
+class WriterClient:
+    """One connection to the writer. Use one per thread: locks belong to the connection."""
+
+    def __init__(self, socket_path: str, timeout: float = 30.0) -> None:
+        self.socket_path = socket_path
+        self.timeout = timeout
+        self._sock: socket.socket | None = None
+        self._buf = bytearray()
+
+    def _connect(self) -> socket.socket:
+        if self._sock is None:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.settimeout(self.timeout)
+            try:
+                sock.connect(self.socket_path)
+            except OSError as exc:
+                sock.close()
+                raise WriterUnavailable(f"{self.socket_path}: {exc}") from exc
+            self._sock = sock
+            self._buf.clear()
+        return self._sock
+
+    def close(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+
+    @property
+    def connected(self) -> bool:
+        return self._sock is not None
+
+    def call(self, **req: Any) -> dict:
+        """Send one request and wait for its answer; raise a typed error if refused."""
+        sock = self._connect()
+        try:
+            sock.sendall(encode_frame(req))
+            while True:
+                frames = split_frames(self._buf)
+                if frames:
+                    reply = frames[0]
+                    break
+                data = sock.recv(1 << 16)
+                if not data:
+                    raise OSError("writer closed the connection")
+                self._buf += data
+        except OSError as exc:
+            self.close()
+            raise WriterUnavailable(str(exc)) from exc
+        if not reply.get("ok"):
+            code = reply.get("error", "error")
+            if code == "locked":
+                raise KeyLocked(reply.get("detail", ""))
+            raise WriterError(code, reply.get("detail", ""))
+        return reply
+
+    # conveniences that name the protocol's operations
+
+    def lock(self, key: str) -> Record | None:
+        """Take the key's lock; returns its current record (None if absent)."""
+        return record_from_wire(self.call(op="lock", key=key)["record"])
+
+    def unlock(self, key: str) -> None:
+        self.call(op="unlock", key=key)
+
+    def put(self, rec: Record, *, keep_lock: bool = False,
+            expect_volumes: tuple[str, ...] | None = None) -> None:
+        req: dict[str, Any] = {"op": "put", "key": rec.key, "state": int(rec.state),
+                               "volumes": list(rec.volumes), "size": rec.size, "md5": rec.md5,
+                               "mtime": rec.mtime, "keep_lock": keep_lock}
+        if expect_volumes is not None:
+            req["expect_volumes"] = list(expect_volumes)
+        self.call(**req)
+
+    def set_state(self, key: str, state: State, *, keep_lock: bool = False) -> None:
+        self.call(op="state", key=key, state=int(state), keep_lock=keep_lock)
+
+    def delete(self, key: str, *, keep_lock: bool = False) -> None:
+        self.call(op="delete", key=key, keep_lock=keep_lock)
+
+    def bulk(self, recs: list[Record]) -> int:
+        return self.call(op="bulk", records=[record_to_wire(r) for r in recs])["count"]
+
+    def ping(self) -> dict:
+        return self.call(op="ping")
+
+
+def wait_ready(socket_path: str, timeout: float = 10.0) -> dict:
+    """Block until a writer answers a ping on `socket_path`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        client = WriterClient(socket_path, timeout=1.0)
+        try:
+            return client.ping()
+        except WriterUnavailable:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.02)
+        finally:
+            client.close()
+
+
+# --- process entry point ---------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m mkv.writer --db PATH --socket PATH`: started by `mkv serve`'s hooks."""
+    parser = argparse.ArgumentParser(prog="mkv-writer")
+    parser.add_argument("--db", required=True)
+    parser.add_argument("--socket", required=True)
+    parser.add_argument("--synchronous", default="NORMAL")
+    parser.add_argument("--log-level", default="info")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s [%(process)d] [writer] %(levelname)s %(message)s")
+    try:
+        server = WriterServer(args.db, args.socket, args.synchronous)
+    except (WriterError, apsw.Error, OSError) as exc:
+        log.error("cannot start: %s", exc)
+        return 1
+
+    def stop(signum: int, frame: object) -> None:
+        server.stopping = True
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    log.info("writing %s, listening on %s", args.db, args.socket)
+    server.serve()
+    log.info("stopped after %d commits of %d writes", server.commits, server.committed_ops)
+    return 0
+
+
+def serve_in_thread(db_path: str, socket_path: str) -> tuple[WriterServer, threading.Thread]:
+    """Run a writer inside this process (tests and the tools' offline mode)."""
+    server = WriterServer(db_path, socket_path)
+    thread = threading.Thread(target=server.serve, name="mkv-writer", daemon=True)
+    thread.start()
+    return server, thread
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,122 @@
+"""A real `mkv serve` for integration tests: own process group, free port, temp files."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import requests
+
+from tests.cluster import free_port, group_alive
+
+
+class ServiceStartError(RuntimeError):
+    pass
+
+
+class MkvService:
+    """`python -m mkv serve ...` started in its own session, stopped with its whole tree."""
+
+    def __init__(self, workdir: Path, volumes: Sequence[str], *, replicas: int = 3,
+                 workers: int = 2, extra: Sequence[str] = (), env: dict | None = None) -> None:
+        self.workdir = Path(workdir)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.db = str(self.workdir / "index.db")
+        self.volumes = list(volumes)
+        self.replicas = replicas
+        self.workers = workers
+        self.extra = list(extra)
+        self.env = env or {}
+        self.port = 0
+        self.proc: subprocess.Popen | None = None
+        self.log = self.workdir / "serve.log"
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def args(self) -> list[str]:
+        return [sys.executable, "-m", "mkv", "serve", "--bind", "127.0.0.1",
+                "--port", str(self.port), "--volumes", ",".join(self.volumes),
+                "--replicas", str(self.replicas), "--db", self.db,
+                "--workers", str(self.workers), *self.extra]
+
+    def start(self, timeout: float = 20.0) -> MkvService:
+        self.port = free_port()
+        env = {**os.environ, **self.env}
+        env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+        with self.log.open("ab") as log:
+            self.proc = subprocess.Popen(self.args(), stdout=log, stderr=log,
+                                         stdin=subprocess.DEVNULL, start_new_session=True, env=env)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise ServiceStartError(f"mkv serve exited {self.proc.returncode}:\n{self.output()}")
+            try:
+                requests.get(self.url + "/-/health", timeout=1)
+                return self
+            except requests.ConnectionError:
+                time.sleep(0.05)
+        self.kill()
+        raise ServiceStartError(f"mkv serve not ready in {timeout}s:\n{self.output()}")
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def stop(self, timeout: float = 20.0) -> int | None:
+        """SIGTERM the master (graceful), wait for the whole process group to go."""
+        if self.proc is None:
+            return None
+        pgid = self.proc.pid
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                pass
+        self._reap_group(pgid)
+        code = self.proc.returncode
+        self.proc = None
+        return code
+
+    def kill(self) -> None:
+        if self.proc is not None:
+            self._reap_group(self.proc.pid)
+            self.proc = None
+
+    def _reap_group(self, pgid: int) -> None:
+        deadline = time.monotonic() + 5
+        while group_alive(pgid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if group_alive(pgid):
+            os.killpg(pgid, signal.SIGKILL)
+        if self.proc is not None:
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                pass
+
+    def pids(self, name: str) -> list[int]:
+        """Pids in this service's process group whose command line contains `name`."""
+        out = []
+        for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+            try:
+                pid = int(cmdline.parent.name)
+                if os.getpgid(pid) != self.proc.pid:
+                    continue
+                if name in cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace"):
+                    out.append(pid)
+            except (OSError, ValueError):
+                continue
+        return out
+
+    def __enter__(self) -> MkvService:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -1,0 +1,185 @@
+"""The writer process's protocol, group commit and lock rules, over a real unix socket."""
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from mkv import index
+from mkv.index import Record, State
+from mkv.writer import KeyLocked, WriterClient, WriterError, serve_in_thread, wait_ready
+
+
+def rec(key, volumes=("a:1",)):
+    return Record(key, State.LIVE, tuple(volumes), 1, "m", 1.0)
+
+
+@pytest.fixture
+def writer(tmp_path):
+    db, sock = str(tmp_path / "i.db"), str(tmp_path / "w.sock")
+    server, thread = serve_in_thread(db, sock)
+    yield db, sock, server
+    server.stopping = True
+    thread.join(5)
+
+
+def reader_of(db):
+    return index.Reader(index.connect(db))
+
+
+def test_lock_put_releases_and_is_durable(writer):
+    db, sock, _ = writer
+    c = WriterClient(sock)
+    assert c.lock("/k") is None
+    c.put(rec("/k"))
+    assert reader_of(db).get("/k").volumes == ("a:1",)
+    # the lock was released with the commit
+    assert c.lock("/k").key == "/k"
+    c.unlock("/k")
+
+
+def test_second_locker_gets_locked(writer):
+    _, sock, _ = writer
+    a, b = WriterClient(sock), WriterClient(sock)
+    a.lock("/k")
+    with pytest.raises(KeyLocked):
+        b.lock("/k")
+    with pytest.raises(KeyLocked):
+        a.lock("/k")  # not re-entrant either: one write per key at a time
+    a.unlock("/k")
+    b.lock("/k")
+
+
+def test_write_without_lock_is_refused(writer):
+    _, sock, _ = writer
+    c = WriterClient(sock)
+    with pytest.raises(WriterError) as e:
+        c.put(rec("/k"))
+    assert e.value.code == "not_locked"
+    other = WriterClient(sock)
+    other.lock("/k")
+    with pytest.raises(KeyLocked):
+        c.delete("/k")
+
+
+def test_closed_connection_releases_locks(writer):
+    _, sock, server = writer
+    a = WriterClient(sock)
+    a.lock("/x")
+    a.lock("/y")
+    a.close()
+    b = WriterClient(sock)
+    deadline = time.time() + 5
+    while True:
+        try:
+            b.lock("/x")
+            break
+        except KeyLocked:
+            assert time.time() < deadline
+            time.sleep(0.01)
+    b.lock("/y")
+
+
+def test_compare_and_set(writer):
+    db, sock, _ = writer
+    c = WriterClient(sock)
+    c.lock("/k")
+    c.put(rec("/k", ("a:1",)))
+    c.lock("/k")
+    with pytest.raises(WriterError) as e:
+        c.put(rec("/k", ("b:2",)), expect_volumes=("z:9",), keep_lock=True)
+    assert e.value.code == "conflict"
+    c.put(rec("/k", ("b:2",)), expect_volumes=("a:1",))
+    assert reader_of(db).get("/k").volumes == ("b:2",)
+
+
+def test_state_keep_lock_and_delete(writer):
+    db, sock, _ = writer
+    c = WriterClient(sock)
+    c.lock("/k")
+    c.put(rec("/k"))
+    c.lock("/k")
+    c.set_state("/k", State.DELETING, keep_lock=True)
+    with pytest.raises(KeyLocked):
+        WriterClient(sock).lock("/k")
+    c.delete("/k")
+    assert reader_of(db).get("/k") is None
+
+
+def test_bulk_insert(writer):
+    db, sock, _ = writer
+    c = WriterClient(sock)
+    assert c.bulk([rec(f"/k{i}") for i in range(500)]) == 500
+    assert reader_of(db).count() == 500
+
+
+def test_bad_request_is_answered_not_fatal(writer):
+    _, sock, _ = writer
+    c = WriterClient(sock)
+    with pytest.raises(WriterError) as e:
+        c.call(op="nonsense")
+    assert e.value.code == "bad_request"
+    with pytest.raises(WriterError):
+        c.call(op="put", key="/k")  # missing fields, not locked
+    assert c.ping()["pid"] == os.getpid()
+
+
+def test_group_commit_batches_concurrent_writers(writer):
+    """32 threads writing at once share commits: fewer commits than writes."""
+    db, sock, server = writer
+    n_threads, per_thread = 32, 30
+
+    def work(t):
+        c = WriterClient(sock)
+        for i in range(per_thread):
+            key = f"/t{t}/{i}"
+            c.lock(key)
+            c.put(rec(key))
+
+    threads = [threading.Thread(target=work, args=(t,)) for t in range(n_threads)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert reader_of(db).count() == n_threads * per_thread
+    assert server.committed_ops == n_threads * per_thread
+    assert server.commits < server.committed_ops
+
+
+def test_writer_process_refuses_a_second_writer_and_stops_on_sigterm(tmp_path):
+    db, sock = str(tmp_path / "i.db"), str(tmp_path / "w.sock")
+    cmd = [sys.executable, "-m", "mkv.writer", "--db", db, "--socket", sock]
+    first = subprocess.Popen(cmd)
+    try:
+        wait_ready(sock)
+        second = subprocess.run(cmd, capture_output=True, text=True, timeout=10)
+        assert second.returncode == 1
+        assert "another writer" in second.stderr
+        first.send_signal(signal.SIGTERM)
+        assert first.wait(timeout=5) == 0
+        assert not os.path.exists(sock)
+    finally:
+        first.kill()
+
+
+def test_stale_socket_of_a_killed_writer_is_replaced(tmp_path):
+    db, sock = str(tmp_path / "i.db"), str(tmp_path / "w.sock")
+    cmd = [sys.executable, "-m", "mkv.writer", "--db", db, "--socket", sock]
+    first = subprocess.Popen(cmd)
+    wait_ready(sock)
+    first.kill()
+    first.wait()
+    assert os.path.exists(sock)
+    second = subprocess.Popen(cmd)
+    try:
+        wait_ready(sock)
+        c = WriterClient(sock)
+        c.lock("/k")
+        c.put(rec("/k"))
+    finally:
+        second.terminate()
+        second.wait(5)
