@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import sys
+import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -63,6 +64,15 @@ class Config:
 def default_writer_socket(db: str) -> str:
     """The writer's socket sits beside the index, so any command given `db` finds it."""
     return db + ".writer.sock"
+
+
+def _can_create_in(directory: Path) -> bool:
+    """Try it: permission bits say nothing for root or on a read-only mount."""
+    try:
+        with tempfile.TemporaryFile(dir=directory):
+            return True
+    except OSError:
+        return False
 
 
 def _bool(text: str | bool) -> bool:
@@ -161,7 +171,7 @@ def validate(ns: configargparse.Namespace, *, need_volumes: bool = True) -> Conf
     db_dir = Path(ns.db).resolve().parent
     if not db_dir.is_dir():
         problems.append(f"db: directory {db_dir} does not exist")
-    elif not os.access(db_dir, os.W_OK | os.X_OK):
+    elif not _can_create_in(db_dir):
         problems.append(f"db: directory {db_dir} is not writable")
     socket_path = ns.writer_socket or default_writer_socket(ns.db)
     if len(os.fsencode(socket_path)) > MAX_SOCKET_PATH:

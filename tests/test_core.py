@@ -1,0 +1,210 @@
+"""Pure decisions and key rules, tested without a server."""
+
+import hashlib
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from mkv import core, keys
+from mkv.core import Health
+from mkv.index import HealthRow, Record, State
+from mkv.ring import Ring
+from mkv.store import BadDigest, parse_content_md5
+from mkv.volume import VolumeUnreachable
+
+VOLS = ["a:1", "b:2", "c:3", "d:4"]
+
+
+def rec(key="/k", state=State.LIVE, volumes=("a:1", "b:2", "c:3")):
+    return Record(key, state, tuple(volumes), 5, "m", 0.0)
+
+
+# --- keys ---
+
+
+def test_blob_and_sidecar_paths():
+    h = hashlib.sha256("/ключ".encode()).hexdigest()
+    assert keys.blob_path("/ключ") == f"/{h[:2]}/{h[2:4]}/{h}"
+    assert keys.sidecar_path("/ключ") == f"/{h[:2]}/{h[2:4]}/{h}.key"
+
+
+@pytest.mark.parametrize("raw,expected", [
+    ("/a%20b", "/a b"), ("/%C3%BC", "/ü"), ("/a%2Fb", "/a/b"), ("/a/../b", "/a/../b"),
+    ("/q%3Fx%3D1%26y", "/q?x=1&y"),
+])
+def test_decode_path(raw, expected):
+    assert keys.decode_path(raw) == expected
+
+
+@pytest.mark.parametrize("raw", ["/%FF", "/%C3%28", "/\xff"])
+def test_decode_path_refuses_invalid_utf8(raw):
+    with pytest.raises(keys.BadKey):
+        keys.decode_path(raw)
+
+
+@pytest.mark.parametrize("key", ["/", "nokey", "/a\x00", "/a\nb", "/\x7f", "/\x85", "/-/health",
+                                 "/-/x", "/" + "x" * 1024])
+def test_check_key_refuses(key):
+    with pytest.raises(keys.BadKey):
+        keys.check_key(key, 1024)
+
+
+def test_check_key_allows_prefix_root_and_limits_bytes_not_chars():
+    assert keys.check_key("/", 1024, prefix=True) == "/"
+    assert keys.check_key("/" + "é" * 511, 1024) == "/" + "é" * 511
+    with pytest.raises(keys.BadKey):
+        keys.check_key("/" + "é" * 512, 1024)
+
+
+@given(st.text(min_size=0, max_size=6), st.text(min_size=0, max_size=6))
+def test_next_prefix_bounds_exactly_the_prefixed_strings(prefix, other):
+    upper = keys.next_prefix(prefix)
+    enc = lambda s: s.encode("utf-8", "surrogatepass")  # noqa: E731
+    if any(0xD800 <= ord(c) <= 0xDFFF for c in prefix + other):
+        return
+    inside = enc(other) >= enc(prefix) and (upper is None or enc(other) < enc(upper))
+    assert inside == other.startswith(prefix)
+
+
+# --- health ---
+
+
+def test_health_status_stale_is_unknown():
+    rows = {"a:1": HealthRow("a:1", True, 100.0, 0, 1, None),
+            "b:2": HealthRow("b:2", False, 100.0, 0, None, "x"),
+            "c:3": HealthRow("c:3", False, 10.0, 0, None, "old")}
+    h = core.health_status(rows, now=101.0, stale_after=5.0)
+    assert h == {"a:1": Health.UP, "b:2": Health.DOWN, "c:3": Health.UNKNOWN}
+    assert core.usable("c:3", h) and core.usable("zzz:1", h) and not core.usable("b:2", h)
+
+
+# --- placement ---
+
+
+def test_place_skips_down_volumes_clockwise():
+    ring = Ring(VOLS)
+    for i in range(200):
+        key = f"/k{i}"
+        first = ring.place(key, 3)
+        down = {first[0]: Health.DOWN}
+        moved = core.place(key, ring, down, 3)
+        assert first[0] not in moved and len(set(moved)) == 3
+        assert moved == [v for v in ring.order(key) if v != first[0]][:3]
+
+
+def test_place_needs_r_healthy_domains():
+    ring = Ring(VOLS)
+    with pytest.raises(core.NotEnoughVolumes):
+        core.place("/k", ring, {"a:1": Health.DOWN, "b:2": Health.DOWN}, 3)
+
+
+def test_balanced():
+    ring = Ring(VOLS)
+    good = rec(volumes=ring.place("/k", 3))
+    assert core.balanced(good, ring, 3)
+    assert not core.balanced(rec(volumes=list(reversed(good.volumes))), ring, 3)
+
+
+# --- reads ---
+
+
+def test_read_target_redirects_to_first_healthy_replica():
+    r = rec()
+    t = core.read_target("/k", r, {})
+    assert isinstance(t, core.Redirect) and t.volume == "a:1"
+    assert t.location == f"http://a:1{keys.blob_path('/k')}"
+    t = core.read_target("/k", r, {"a:1": Health.DOWN})
+    assert t.volume == "b:2"
+
+
+def test_read_target_spreads_over_up_replicas():
+    r = rec()
+    up = {v: Health.UP for v in r.volumes}
+    assert {core.read_target("/k", r, up, spread=i).volume for i in range(6)} == set(r.volumes)
+
+
+def test_read_target_prefers_known_up_over_unknown():
+    r = rec()
+    t = core.read_target("/k", r, {"a:1": Health.UNKNOWN, "b:2": Health.UP}, spread=0)
+    assert t.volume == "b:2"
+
+
+def test_read_target_unavailable_and_missing():
+    r = rec()
+    assert isinstance(core.read_target("/k", r, {v: Health.DOWN for v in r.volumes}),
+                      core.Unavailable)
+    assert isinstance(core.read_target("/k", None, {}), core.NotFound)
+    for state in (State.UNLINKED, State.DELETING):
+        assert isinstance(core.read_target("/k", rec(state=state), {}), core.NotFound)
+
+
+def test_read_target_fallback_only_for_unknown_keys():
+    t = core.read_target("/a b", None, {}, fallback="old:80")
+    assert t == core.Redirect("http://old:80/a%20b", None)
+    assert isinstance(core.read_target("/k", rec(state=State.UNLINKED), {}, fallback="old:80"),
+                      core.NotFound)
+
+
+# --- writes ---
+
+
+def test_put_outcome_needs_every_replica():
+    assert core.put_outcome([None, None, None]) is core.PutOutcome.STORED
+    assert core.put_outcome([None, VolumeUnreachable("a:1", "x"), None]) is core.PutOutcome.FAILED
+    assert core.put_outcome([]) is core.PutOutcome.FAILED
+
+
+def test_verdicts():
+    V = core.Verdict
+    assert core.put_verdict(None) is V.PROCEED
+    assert core.put_verdict(rec()) is V.EXISTS
+    assert core.put_verdict(rec(state=State.UNLINKED)) is V.PROCEED
+    assert core.delete_verdict(None, False) is V.MISSING
+    assert core.delete_verdict(rec(state=State.DELETING), False) is V.MISSING
+    assert core.delete_verdict(rec(), True) is V.PROTECTED
+    assert core.delete_verdict(rec(state=State.UNLINKED), True) is V.PROCEED
+    assert core.delete_verdict(rec(), False) is V.PROCEED
+    assert core.unlink_verdict(rec()) is V.PROCEED
+    assert core.unlink_verdict(rec(state=State.UNLINKED)) is V.MISSING
+
+
+def test_cleanup_after_reput_spares_the_new_copies():
+    old = rec(volumes=("a:1", "b:2", "c:3"))
+    assert core.cleanup_volumes(old, ["b:2", "c:3", "d:4"]) == ["a:1"]
+
+
+# --- queries ---
+
+
+@pytest.mark.parametrize("q,expected", [
+    ("", None),
+    ("list", core.ListQuery(State.LIVE, "", None)),
+    ("list=", core.ListQuery(State.LIVE, "", None)),
+    ("unlinked&limit=5", core.ListQuery(State.UNLINKED, "", 5)),
+    ("list&start=%2Fa%20b&limit=10", core.ListQuery(State.LIVE, "/a b", 10)),
+])
+def test_parse_query(q, expected):
+    assert core.parse_query(q) == expected
+
+
+@pytest.mark.parametrize("q", ["list&limit=abc", "list&limit=0", "list&limit=-1", "list&limit=",
+                               "foo", "list&unlinked", "list&list", "list&bogus=1",
+                               "list&start=%FF", "limit=3"])
+def test_parse_query_refuses(q):
+    with pytest.raises(core.BadQuery):
+        core.parse_query(q)
+
+
+# --- Content-MD5 ---
+
+
+def test_content_md5_forms():
+    import base64
+    d = hashlib.md5(b"hi").digest()
+    assert parse_content_md5(base64.b64encode(d).decode()) == d.hex()
+    assert parse_content_md5(d.hex().upper()) == d.hex()
+    assert parse_content_md5(None) is None
+    for bad in ("zzz", base64.b64encode(b"short").decode()):
+        with pytest.raises(BadDigest):
+            parse_content_md5(bad)
