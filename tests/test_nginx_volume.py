@@ -1,0 +1,273 @@
+"""The volume contract mkv relies on, checked against real nginx run from deploy/nginx/.
+
+If nginx or the templates change behaviour (status codes, autoindex shape, atomic PUT), these
+tests say so before the service tests fail in a more confusing way.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import requests
+
+from mkv import nginx as mkv_nginx
+from tests.cluster import NginxVolume, VolumeStartError, free_port, group_alive, wait_http
+
+KEY_HASH = hashlib.sha256(b"some key").hexdigest()
+BLOB = f"/{KEY_HASH[:2]}/{KEY_HASH[2:4]}/{KEY_HASH}"
+MiB = 1024 * 1024
+
+
+@pytest.fixture
+def volume(make_volumes: Callable[[int], list[NginxVolume]]) -> NginxVolume:
+    return make_volumes(1)[0]
+
+
+def listing(volume: NginxVolume, path: str) -> dict[str, dict]:
+    """autoindex JSON of a directory, by entry name."""
+    resp = requests.get(volume.url + path, timeout=5)
+    assert resp.status_code == 200
+    assert resp.headers["Content-Type"] == "application/json"
+    return {entry["name"]: entry for entry in resp.json()}
+
+
+def test_put_creates_nested_path_and_get_returns_exact_bytes(volume: NginxVolume) -> None:
+    body = os.urandom(4096)
+    resp = requests.put(volume.url + BLOB, data=body, timeout=5)
+    assert resp.status_code == 201
+    # nginx names the created resource, path only (absolute_redirect off).
+    assert resp.headers.get("Location") == BLOB
+
+    got = requests.get(volume.url + BLOB, timeout=5)
+    assert got.status_code == 200
+    assert got.content == body
+    assert got.headers["Content-Type"] == "application/octet-stream"
+    assert (volume.root / BLOB.lstrip("/")).read_bytes() == body
+
+
+def test_head_reports_length_without_body(volume: NginxVolume) -> None:
+    requests.put(volume.url + BLOB, data=b"x" * 1234, timeout=5).raise_for_status()
+    resp = requests.head(volume.url + BLOB, timeout=5)
+    assert resp.status_code == 200
+    assert resp.headers["Content-Length"] == "1234"
+    assert resp.content == b""
+
+
+def test_large_put_is_not_limited(volume: NginxVolume) -> None:
+    body = os.urandom(20 * MiB)
+    resp = requests.put(volume.url + BLOB, data=body, timeout=30)
+    assert resp.status_code == 201
+    got = requests.get(volume.url + BLOB, timeout=30)
+    assert hashlib.md5(got.content).digest() == hashlib.md5(body).digest()
+
+
+def test_put_spools_on_the_data_filesystem(volume: NginxVolume) -> None:
+    """The upload is renamed from root/.tmp into place, so it must share root's filesystem."""
+    spool = volume.root / mkv_nginx.SPOOL_DIRNAME
+    assert spool.is_dir()
+    assert spool.stat().st_dev == volume.root.stat().st_dev
+    requests.put(volume.url + BLOB, data=b"abc", timeout=5).raise_for_status()
+    assert list(spool.iterdir()) == []
+
+
+def test_put_overwrites_existing_blob_with_204(volume: NginxVolume) -> None:
+    assert requests.put(volume.url + BLOB, data=b"first", timeout=5).status_code == 201
+    resp = requests.put(volume.url + BLOB, data=b"second!", timeout=5)
+    assert resp.status_code == 204
+    assert "Location" not in resp.headers
+    assert requests.get(volume.url + BLOB, timeout=5).content == b"second!"
+
+
+def test_autoindex_lists_directories_and_files(volume: NginxVolume) -> None:
+    requests.put(volume.url + BLOB, data=b"12345", timeout=5).raise_for_status()
+    requests.put(volume.url + BLOB + ".key", data=b'{"key": "some key"}\n', timeout=5)
+
+    top = listing(volume, f"/{KEY_HASH[:2]}/")
+    assert set(top) == {KEY_HASH[2:4]}
+    assert top[KEY_HASH[2:4]]["type"] == "directory"
+    assert "size" not in top[KEY_HASH[2:4]]
+
+    leaf = listing(volume, f"/{KEY_HASH[:2]}/{KEY_HASH[2:4]}/")
+    assert set(leaf) == {KEY_HASH, KEY_HASH + ".key"}
+    assert leaf[KEY_HASH]["type"] == "file"
+    assert leaf[KEY_HASH]["size"] == 5
+    assert isinstance(leaf[KEY_HASH]["mtime"], str)  # RFC 1123 date, e.g. "Sun, 29 Nov 2026 ..."
+
+
+def test_root_listing_hides_runtime_directories(volume: NginxVolume) -> None:
+    requests.put(volume.url + BLOB, data=b"x", timeout=5).raise_for_status()
+    assert set(listing(volume, "/")) == {KEY_HASH[:2]}
+    # .tmp (spool) and .nginx (config, pid) exist but are neither listed nor reachable.
+    assert requests.get(volume.url + "/.nginx/nginx.conf", timeout=5).status_code == 404
+    assert requests.put(volume.url + "/.tmp/x", data=b"x", timeout=5).status_code == 404
+
+
+def test_directory_without_slash_redirects_relatively(volume: NginxVolume) -> None:
+    requests.put(volume.url + BLOB, data=b"x", timeout=5).raise_for_status()
+    resp = requests.get(f"{volume.url}/{KEY_HASH[:2]}", allow_redirects=False, timeout=5)
+    assert resp.status_code == 301
+    assert resp.headers["Location"] == f"/{KEY_HASH[:2]}/"
+
+
+def test_listing_a_missing_directory_is_404(volume: NginxVolume) -> None:
+    assert requests.get(volume.url + "/ff/", timeout=5).status_code == 404
+
+
+def test_delete_removes_blob_and_second_delete_is_404(volume: NginxVolume) -> None:
+    requests.put(volume.url + BLOB, data=b"x", timeout=5).raise_for_status()
+    first = requests.delete(volume.url + BLOB, timeout=5)
+    assert first.status_code == 204
+    assert not (volume.root / BLOB.lstrip("/")).exists()
+    assert requests.get(volume.url + BLOB, timeout=5).status_code == 404
+    assert requests.delete(volume.url + BLOB, timeout=5).status_code == 404
+
+
+def test_delete_of_a_directory_is_refused(volume: NginxVolume) -> None:
+    """nginx would delete a whole subtree for DELETE /ab/; the template forbids it."""
+    requests.put(volume.url + BLOB, data=b"x", timeout=5).raise_for_status()
+    assert requests.delete(f"{volume.url}/{KEY_HASH[:2]}/", timeout=5).status_code == 405
+    assert requests.delete(f"{volume.url}/{KEY_HASH[:2]}", timeout=5).status_code == 409
+    assert requests.get(volume.url + BLOB, timeout=5).content == b"x"
+
+
+def test_ping(volume: NginxVolume) -> None:
+    resp = requests.get(volume.url + "/-/ping", timeout=5)
+    assert (resp.status_code, resp.text) == (200, "ok\n")
+
+
+def test_sigterm_stops_nginx_and_leaves_no_process(volume: NginxVolume) -> None:
+    pgid = volume.proc.pid
+    assert group_alive(pgid)
+    started = time.monotonic()
+    volume.proc.send_signal(signal.SIGTERM)
+    volume.proc.wait(timeout=5)
+    deadline = time.monotonic() + 5
+    while group_alive(pgid) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert not group_alive(pgid)
+    assert time.monotonic() - started < 5
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", volume.port), timeout=1).close()
+
+
+def test_run_volume_execs_nginx_so_signals_reach_it(tmp_path: Path) -> None:
+    """`mkv volume` must be nginx itself (same pid), not a Python parent that swallows SIGTERM."""
+    port = free_port()
+    code = (
+        "import sys; from pathlib import Path; from mkv.nginx import run_volume; "
+        "run_volume(Path(sys.argv[1]), int(sys.argv[2]))"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code, str(tmp_path / "data"), str(port)],
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
+    try:
+        wait_http(f"http://127.0.0.1:{port}/-/ping", timeout=10)
+        assert Path(f"/proc/{proc.pid}/exe").resolve().name == "nginx"
+        assert (tmp_path / "data" / ".nginx" / "nginx.pid").read_text().strip() == str(proc.pid)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=5) == 0
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        proc.stderr.close()  # type: ignore[union-attr]
+
+
+def test_kill_and_restart_keep_the_data(volume: NginxVolume) -> None:
+    requests.put(volume.url + BLOB, data=b"durable", timeout=5).raise_for_status()
+    volume.kill()
+    assert not group_alive(volume.proc.pid)
+    with pytest.raises(requests.ConnectionError):
+        requests.get(volume.url + BLOB, timeout=1)
+    volume.restart()
+    assert requests.get(volume.url + BLOB, timeout=5).content == b"durable"
+
+
+def test_start_on_a_taken_port_reports_nginx_stderr(tmp_path: Path) -> None:
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", 0))
+        squatter.listen()
+        port = squatter.getsockname()[1]
+        with pytest.raises(VolumeStartError, match="Address already in use"):
+            NginxVolume.start(tmp_path / "data", port)
+
+
+def test_three_volumes_are_independent(volumes: list[NginxVolume]) -> None:
+    assert len({v.port for v in volumes}) == 3
+    assert len({v.root for v in volumes}) == 3
+    requests.put(volumes[0].url + BLOB, data=b"x", timeout=5).raise_for_status()
+    assert requests.get(volumes[1].url + BLOB, timeout=5).status_code == 404
+
+
+# --- rendering and the `mkv volume` entry point, without running nginx ----------------------
+
+
+def test_server_template_only_uses_the_two_shared_placeholders() -> None:
+    """The docker image renders the same file with envsubst; nothing else may look like one."""
+    text = (mkv_nginx.templates_dir() / mkv_nginx.SERVER_TEMPLATE).read_text()
+    assert set(re.findall(r"\$\{(\w+)\}", text)) == {"MKV_VOLUME_LISTEN", "MKV_VOLUME_ROOT"}
+
+
+def test_render_volume_writes_a_config_nginx_accepts(tmp_path: Path) -> None:
+    root, workdir = tmp_path / "data dir", tmp_path / "work"
+    conf = mkv_nginx.render_volume(root, mkv_nginx.listen_address("::1", 3001), workdir)
+    assert (root / ".tmp").is_dir()
+    server = (workdir / "volume.conf").read_text()
+    assert "listen [::1]:3001;" in server
+    assert f'root "{root}";' in server
+    assert "${" not in conf.read_text()
+    argv = mkv_nginx.volume_command(conf, workdir)
+    check = subprocess.run([*argv, "-t"], check=False, capture_output=True, text=True, timeout=10)
+    assert check.returncode == 0, check.stderr
+
+
+def test_user_line_only_as_root(tmp_path: Path) -> None:
+    line = mkv_nginx.user_line(tmp_path)
+    assert (line != "") == (os.geteuid() == 0)
+
+
+def parse_volume_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="mkv volume")
+    mkv_nginx.add_volume_arguments(parser)
+    return parser.parse_args(argv)
+
+
+@pytest.mark.parametrize("port", ["0", "70000", "-1"])
+def test_volume_main_rejects_bad_port(
+    tmp_path: Path, port: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = parse_volume_args(["--root", str(tmp_path), "--port", port])
+    assert mkv_nginx.volume_main(args) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "port" in err
+
+
+def test_volume_main_rejects_a_file_as_root(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    afile = tmp_path / "file"
+    afile.write_text("")
+    args = parse_volume_args(["--root", str(afile), "--port", str(free_port())])
+    assert mkv_nginx.volume_main(args) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "not a directory" in err
+
+
+def test_find_nginx_explains_how_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(mkv_nginx.shutil, "which", lambda name: None)
+    monkeypatch.setattr(mkv_nginx.Path, "is_file", lambda self: False)
+    with pytest.raises(mkv_nginx.NginxNotFound, match="apt-get install nginx-light"):
+        mkv_nginx.find_nginx()
