@@ -32,9 +32,9 @@ def _share_metrics_between_workers() -> None:
 
 _share_metrics_between_workers()
 
-from mkv import config as config_mod  # noqa: E402
+from mkv import config as config_mod
 from mkv import index, metrics
-from mkv.config import Config  # noqa: E402
+from mkv.config import Config
 from mkv.store import Store
 from mkv.volume import VolumePool
 from mkv.writer import WriterClient, wait_ready

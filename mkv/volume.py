@@ -145,7 +145,8 @@ class FanOut:
         self.failed = threading.Event()
         self._queues: list[queue.Queue] = [queue.Queue(maxsize=depth) for _ in volumes]
         self._futures: list[Future] = [
-            executor.submit(self._upload, pool, vol, path, q) for vol, q in zip(volumes, self._queues)
+            executor.submit(self._upload, pool, vol, path, q)
+            for vol, q in zip(volumes, self._queues, strict=True)
         ]
 
     def _body(self, vol: str, q: queue.Queue) -> Iterator[bytes]:
@@ -179,7 +180,7 @@ class FanOut:
                 return
 
     def _offer(self, item: object) -> None:
-        for q, fut in zip(self._queues, self._futures):
+        for q, fut in zip(self._queues, self._futures, strict=True):
             while not fut.done():
                 try:
                     q.put(item, timeout=0.05)
