@@ -122,8 +122,8 @@ class VolumePool:
             raise VolumeError(volume, f"GET {path}: bad autoindex JSON") from exc
 
     def ping(self, volume: str) -> None:
-        """Cheapest request that proves the volume serves HTTP."""
-        self._request(volume, "HEAD", "/", ok=(200, 403, 404))
+        """Cheapest request that proves the volume serves HTTP: nginx's /-/ping, no disk IO."""
+        self._request(volume, "GET", "/-/ping", ok=(200,))
 
 
 _END = object()
