@@ -1,0 +1,74 @@
+"""`mkv serve` and plain gunicorn run the same service, start the writer, and stop cleanly."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import requests
+
+from tests.cluster import free_port, group_alive, wait_http
+
+
+def roundtrip(url: str, key: str) -> None:
+    assert requests.put(url + key, data=b"value of " + key.encode()).status_code == 201
+    r = requests.get(url + key)
+    assert r.status_code == 200 and r.content == b"value of " + key.encode()
+
+
+def test_serve_runs_writer_and_stops_the_whole_tree(service):
+    roundtrip(service.url, "/serve")
+    writers = service.pids("mkv.writer")
+    assert len(writers) == 1
+    workers = service.pids("mkv serve")
+    assert len(workers) >= 3  # master + 2 workers
+    pgid = service.proc.pid
+    assert service.stop() == 0
+    assert not group_alive(pgid)
+    assert not os.path.exists(service.db + ".writer.sock")
+
+
+def test_plain_gunicorn_with_our_config_is_the_same_service(volumes, tmp_path):
+    port = free_port()
+    env = {**os.environ,
+           "MKV_VOLUMES": ",".join(v.address for v in volumes), "MKV_DB": str(tmp_path / "i.db"),
+           "MKV_PORT": str(port), "MKV_WORKERS": "2"}
+    env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+    log = (tmp_path / "gunicorn.log").open("wb")
+    proc = subprocess.Popen([sys.executable, "-m", "gunicorn", "-c", "python:mkv.gunicorn_conf",
+                             "mkv.wsgi:app"], env=env, stdout=log, stderr=log,
+                            start_new_session=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_http(url + "/-/health", timeout=20)
+        roundtrip(url, "/plain")
+        health = requests.get(url + "/-/health").json()
+        assert health["writer"]["up"] is True
+        assert {v["volume"] for v in health["volumes"]} == {v.address for v in volumes}
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(20) == 0
+        deadline = time.monotonic() + 5
+        while group_alive(proc.pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not group_alive(proc.pid), "the writer outlived gunicorn"
+
+
+def test_mkv_volume_command_serves_and_stops_on_sigterm(tmp_path):
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "mkv", "volume", "--root", str(tmp_path / "v"),
+                             "--port", str(port)], start_new_session=True)
+    try:
+        wait_http(f"http://127.0.0.1:{port}/-/ping")
+        assert requests.put(f"http://127.0.0.1:{port}/ab/cd/x", data=b"1").status_code == 201
+        assert (tmp_path / "v" / "ab" / "cd" / "x").read_bytes() == b"1"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(10) == 0
+
+
+def test_mkv_without_command_or_with_unknown_one_exits_2():
+    assert subprocess.run([sys.executable, "-m", "mkv"], capture_output=True).returncode == 2
+    r = subprocess.run([sys.executable, "-m", "mkv", "frobnicate"], capture_output=True, text=True)
+    assert r.returncode == 2 and "unknown command" in r.stderr
