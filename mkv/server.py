@@ -11,8 +11,6 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import signal
-import subprocess
 import sys
 import tempfile
 import threading
@@ -35,14 +33,16 @@ _share_metrics_between_workers()
 from mkv import config as config_mod
 from mkv import index, metrics
 from mkv.config import Config
+from mkv.health import FailureReporter, health_socket_path
 from mkv.store import Store
+from mkv.supervise import Child, Supervisor
 from mkv.volume import VolumePool
 from mkv.writer import WriterClient, wait_ready
 
 log = logging.getLogger("mkv.server")
 
 _config: Config | None = None
-_children: dict[str, subprocess.Popen] = {}
+_supervisor: Supervisor | None = None
 
 
 def set_config(cfg: Config) -> None:
@@ -75,7 +75,8 @@ def worker_store() -> Store:
                 reader = index.Reader(index.connect(cfg.db, synchronous=cfg.synchronous))
                 pool = VolumePool(cfg.volume_timeout, maxsize=cfg.threads * 2)
                 _store = Store(cfg, reader, pool,
-                               lambda: WriterClient(cfg.writer_socket, timeout=cfg.volume_timeout * 3))
+                               lambda: WriterClient(cfg.writer_socket, timeout=cfg.volume_timeout * 3),
+                               FailureReporter(health_socket_path(cfg.db)))
                 _store_pid = os.getpid()
     return _store
 
@@ -83,23 +84,27 @@ def worker_store() -> Store:
 # --- hooks -----------------------------------------------------------------------------
 
 
-def _start_writer(cfg: Config) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "mkv.writer", "--db", cfg.db, "--socket", cfg.writer_socket,
-           "--synchronous", cfg.synchronous, "--log-level", cfg.log_level]
-    proc = subprocess.Popen(cmd, start_new_session=False)
-    try:
-        wait_ready(cfg.writer_socket, timeout=15)
-    except Exception:
-        proc.kill()
-        raise
-    return proc
+def children(cfg: Config) -> list[Child]:
+    """The processes `mkv serve` runs beside the workers: writer first, then health."""
+    py = [sys.executable, "-m"]
+    writer = Child("writer", [*py, "mkv.writer", "--db", cfg.db, "--socket", cfg.writer_socket,
+                              "--synchronous", cfg.synchronous, "--log-level", cfg.log_level],
+                   ready=lambda: wait_ready(cfg.writer_socket, timeout=15))
+    health = Child("health", [*py, "mkv.health", "--db", cfg.db, "--volumes", ",".join(cfg.volumes),
+                              "--writer-socket", cfg.writer_socket,
+                              "--interval", str(cfg.health_interval),
+                              "--timeout", str(cfg.health_timeout),
+                              "--fail-count", str(cfg.health_fail_count),
+                              "--ok-count", str(cfg.health_ok_count),
+                              "--log-level", cfg.log_level])
+    return [writer, health]
 
 
 def on_starting(server: Any) -> None:
-    """Master, before forking workers: prepare metrics and start the writer."""
-    cfg = get_config()
-    _children["writer"] = _start_writer(cfg)
-    log.info("writer started (pid %d) on %s", _children["writer"].pid, cfg.writer_socket)
+    """Master, before forking workers: start and supervise the writer and health processes."""
+    global _supervisor
+    _supervisor = Supervisor(children(get_config()))
+    _supervisor.start()
 
 
 def child_exit(server: Any, worker: Any) -> None:
@@ -107,17 +112,9 @@ def child_exit(server: Any, worker: Any) -> None:
 
 
 def on_exit(server: Any) -> None:
-    """Master, after the workers are gone: stop the writer (it finishes its batch first)."""
-    for name, proc in list(_children.items()):
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        log.info("%s stopped", name)
-        _children.pop(name, None)
+    """Master, after the workers are gone: stop the health process and the writer."""
+    if _supervisor is not None:
+        _supervisor.stop()
     if os.environ.pop("MKV_OWN_METRICS_DIR", None):
         shutil.rmtree(os.environ.pop("PROMETHEUS_MULTIPROC_DIR", ""), ignore_errors=True)
 

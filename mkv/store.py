@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import dataclasses
 import hashlib
 import itertools
 import logging
@@ -14,14 +15,15 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
-from mkv import core, index
+from mkv import core, index, metrics
 from mkv.config import Config
 from mkv.core import Health, Verdict
+from mkv.health import FailureReporter
 from mkv.index import Record, State
 from mkv.keys import blob_path, sidecar_body, sidecar_path
 from mkv.ring import Ring
-from mkv.volume import FanOut, UploadAborted, VolumeError, VolumePool
-from mkv.writer import KeyLocked, WriterClient
+from mkv.volume import FanOut, ShortWrite, UploadAborted, VolumeError, VolumePool, VolumeStatus
+from mkv.writer import KeyLocked, WriterClient, WriterError
 
 log = logging.getLogger("mkv.store")
 
@@ -87,7 +89,8 @@ def parse_content_md5(header: str | None) -> str | None:
 
 class Store:
     def __init__(self, cfg: Config, reader: index.Reader, pool: VolumePool,
-                 writer_factory: Callable[[], WriterClient]) -> None:
+                 writer_factory: Callable[[], WriterClient],
+                 reporter: FailureReporter | None = None) -> None:
         self.cfg = cfg
         self.reader = reader
         self.pool = pool
@@ -99,6 +102,8 @@ class Store:
         self._health: dict[str, Health] = {}
         self._health_at = -1.0
         self._spread = itertools.count()
+        self.reporter = reporter
+        self._suspects: dict[str, float] = {}
 
     # --- facts ---
 
@@ -110,12 +115,34 @@ class Store:
         return client
 
     def health(self) -> dict[str, Health]:
+        """Published volume health (cached briefly), with this worker's own fresh
+        failures treated as down until the health process has had time to probe."""
         now = time.monotonic()
         if now - self._health_at > HEALTH_CACHE_SECONDS:
             stale = max(3 * self.cfg.health_interval, 3 * self.cfg.health_timeout) + 1.0
             self._health = core.health_status(self.reader.health(), time.time(), stale)
             self._health_at = now
-        return self._health
+        if not self._suspects:
+            return self._health
+        health = dict(self._health)
+        for vol, until in list(self._suspects.items()):
+            if until < now:
+                self._suspects.pop(vol, None)
+            else:
+                health[vol] = Health.DOWN
+        return health
+
+    def _blame(self, errors: list[BaseException | None]) -> None:
+        """Count volume failures at once: locally, and with the health process."""
+        for err in errors:
+            if isinstance(err, VolumeError) and not isinstance(err, ShortWrite):
+                if isinstance(err, VolumeStatus) and err.status < 500:
+                    continue
+                self._suspects[err.volume] = time.monotonic() + self.cfg.health_interval * (
+                    self.cfg.health_fail_count + 1)
+                metrics.VOLUME_ERRORS.labels(err.volume, type(err).__name__).inc()
+                if self.reporter is not None:
+                    self.reporter.report(err.volume)
 
     # --- reads ---
 
@@ -131,7 +158,7 @@ class Store:
 
     def _lock(self, key: str) -> Record | None:
         try:
-            return self.writer.lock(key)
+            return self.writer.lock(key, retry=True)
         except KeyLocked:
             raise InFlight(key) from None
 
@@ -141,6 +168,12 @@ class Store:
         except Exception:  # noqa: BLE001 - the lock dies with the connection anyway
             self.writer.close()
 
+    def _place(self, key: str) -> list[str]:
+        try:
+            return core.place(key, self.ring, self.health(), self.cfg.replicas)
+        except core.NotEnoughVolumes as exc:
+            raise Unavailable(str(exc)) from None
+
     def put(self, key: str, length: int, read: Callable[[int], bytes], content_md5: str | None) -> Record:
         """Stream `length` bytes from `read` to R volumes, then record them."""
         expect_md5 = parse_content_md5(content_md5)
@@ -148,19 +181,71 @@ class Store:
         try:
             if core.put_verdict(current) is Verdict.EXISTS:
                 raise KeyExists(key)
-            try:
-                volumes = core.place(key, self.ring, self.health(), self.cfg.replicas)
-            except core.NotEnoughVolumes as exc:
-                raise Unavailable(str(exc)) from None
-            md5 = self._upload(key, volumes, length, read, expect_md5)
+            volumes = self._place(key)
+            if length <= CHUNK:
+                volumes, md5 = self._upload_small(key, volumes, length, read, expect_md5)
+            else:
+                md5 = self._upload(key, volumes, length, read, expect_md5)
             record = Record(key, State.LIVE, tuple(volumes), length, md5, time.time())
-            self.writer.put(record)
+            try:
+                self.writer.put(record, retry=True, new=True)
+            except KeyLocked:
+                raise InFlight(key) from None
+            except WriterError as exc:
+                if exc.code == "conflict":  # written by another PUT while the writer restarted
+                    raise InFlight(key) from None
+                raise
             if current is not None and current.state is State.DELETING:
                 self._cleanup_after_reput(current, volumes)
             return record
         except BaseException:
             self._unlock(key)
             raise
+
+    def _read_all(self, length: int, read: Callable[[int], bytes]) -> bytes:
+        parts, got = [], 0
+        while got < length:
+            try:
+                chunk = read(length - got)
+            except (OSError, ValueError) as exc:
+                raise ClientGone(str(exc)) from exc
+            if not chunk:
+                raise ClientGone(f"body ended after {got} of {length} bytes")
+            parts.append(chunk)
+            got += len(chunk)
+        return b"".join(parts)
+
+    def _upload_small(self, key: str, volumes: list[str], length: int,
+                      read: Callable[[int], bytes], expect_md5: str | None) -> tuple[list[str], str]:
+        """A body that fits in one chunk is held, so a replica that fails can be
+        replaced by the next healthy volume clockwise instead of failing the PUT."""
+        body = self._read_all(length, read)
+        md5 = hashlib.md5(body, usedforsecurity=False).hexdigest() if (self.cfg.md5 or expect_md5) else ""
+        if expect_md5 is not None and expect_md5 != md5:
+            raise BadDigest(f"Content-MD5 {expect_md5} does not match the body's {md5}")
+        sidecar = sidecar_body(key, length, md5)
+
+        def put_both(vol: str) -> None:
+            self.pool.put(vol, blob_path(key), body, length)
+            self.pool.put(vol, sidecar_path(key), sidecar, len(sidecar))
+
+        done: list[str] = []
+        failed: list[VolumeError] = []
+        for _attempt in range(3):
+            todo = [v for v in volumes if v not in done]
+            errors = self._each(todo, put_both)
+            self._blame(errors)
+            failed += errors
+            bad = {e.volume for e in errors}
+            done += [v for v in todo if v not in bad]
+            if not errors:
+                return volumes, md5
+            try:
+                volumes = self._place(key)  # the failed ones now count as down
+            except Unavailable:
+                break
+        self._remove(key, sorted(set(done) | {e.volume for e in failed}))
+        raise VolumeFailed("; ".join(str(e) for e in failed))
 
     def _upload(self, key: str, volumes: list[str], length: int, read: Callable[[int], bytes],
                 expect_md5: str | None) -> str:
@@ -188,6 +273,7 @@ class Store:
             raise
         md5 = digest.hexdigest() if digest is not None else ""
         results = fan.finish()
+        self._blame(results)
         if core.put_outcome(results) is not core.PutOutcome.STORED or got != length:
             self._remove(key, volumes)
             errors = [r for r in results if r is not None and not isinstance(r, UploadAborted)]
@@ -197,6 +283,7 @@ class Store:
             raise BadDigest(f"Content-MD5 {expect_md5} does not match the body's {md5}")
         body = sidecar_body(key, length, md5)
         errors = self._each(volumes, lambda v: self.pool.put(v, sidecar_path(key), body, len(body)))
+        self._blame(errors)
         if errors:
             self._remove(key, volumes)
             raise VolumeFailed("; ".join(str(e) for e in errors))
@@ -222,6 +309,7 @@ class Store:
             self.pool.delete(vol, sidecar_path(key))
             self.pool.delete(vol, blob_path(key))
         errors = self._each(volumes, rm)
+        self._blame(errors)
         for err in errors:
             log.warning("could not remove %r from %s: %s", key, err.volume, err.detail)
         return errors
@@ -244,11 +332,18 @@ class Store:
                 raise KeyMissing(key)
             if verdict is Verdict.PROTECTED:
                 raise Protected(key)
-            self.writer.set_state(key, State.DELETING, keep_lock=True)
-            if self._remove(key, current.volumes):
-                self.writer.unlock(key)  # stays DELETING: cleanup finishes it later
+            self.writer.set_state(key, State.DELETING, keep_lock=True, retry=True)
+            health = self.health()
+            reachable = [v for v in current.volumes if core.usable(v, health)]
+            failed = {e.volume for e in self._remove(key, reachable)}
+            failed |= set(current.volumes) - set(reachable)
+            if failed:
+                # stays DELETING, naming only the copies left: the health process finishes it
+                left = tuple(v for v in current.volumes if v in failed)
+                self.writer.put(dataclasses.replace(current, state=State.DELETING, volumes=left),
+                                retry=True)
             else:
-                self.writer.delete(key)
+                self.writer.delete(key, retry=True)
         except BaseException:
             self._unlock(key)
             raise
@@ -259,7 +354,7 @@ class Store:
         try:
             if core.unlink_verdict(current) is Verdict.MISSING:
                 raise KeyMissing(key)
-            self.writer.set_state(key, State.UNLINKED)
+            self.writer.set_state(key, State.UNLINKED, retry=True)
         except BaseException:
             self._unlock(key)
             raise

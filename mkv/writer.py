@@ -256,8 +256,18 @@ class WriterServer:
         self.db.execute("RELEASE op")
         return reply, release, wrote
 
-    def _need_lock(self, conn: _Conn, key: str) -> None:
+    def _need_lock(self, conn: _Conn, req: dict) -> None:
+        """The request's connection must hold the key's lock.
+
+        With `acquire`, a free lock is taken on the spot: that is how a client
+        retries a write after its connection (and so its lock) was lost.
+        """
+        key = req["key"]
         holder = self.locks.get(key)
+        if holder is None and req.get("acquire"):
+            self.locks[key] = conn
+            conn.locks.add(key)
+            return
         if holder is None:
             raise WriterError("not_locked", key)
         if holder is not conn:
@@ -291,24 +301,27 @@ class WriterServer:
     def _op_put(self, conn: _Conn, req: dict) -> tuple[dict, str | None, int]:
         """Write a record. `expect_volumes` makes it a compare-and-set (rebalance)."""
         key = req["key"]
-        self._need_lock(conn, key)
-        if "expect_volumes" in req:
-            cur = index.read_record(self.db, key)
-            if cur is None or list(cur.volumes) != req["expect_volumes"]:
-                raise WriterError("conflict", key)
+        self._need_lock(conn, req)
         rec = Record(key, State(req.get("state", State.LIVE)), tuple(req["volumes"]),
                      int(req["size"]), str(req["md5"]), float(req.get("mtime") or time.time()))
+        cur = index.read_record(self.db, key)
+        if "expect_volumes" in req and (cur is None or list(cur.volumes) != req["expect_volumes"]):
+            raise WriterError("conflict", key)
+        if req.get("guard") == "new" and cur is not None and cur.state is State.LIVE:
+            if cur != rec:  # a retried PUT finds its own record: already done
+                raise WriterError("conflict", key)
+            return self._done(conn, req)
         index.write_record(self.db, rec)
         return self._done(conn, req)
 
     def _op_state(self, conn: _Conn, req: dict) -> tuple[dict, str | None, int]:
-        self._need_lock(conn, req["key"])
+        self._need_lock(conn, req)
         if not index.write_state(self.db, req["key"], State(req["state"])):
             raise WriterError("not_found", req["key"])
         return self._done(conn, req)
 
     def _op_delete(self, conn: _Conn, req: dict) -> tuple[dict, str | None, int]:
-        self._need_lock(conn, req["key"])
+        self._need_lock(conn, req)
         index.write_delete(self.db, req["key"])
         return self._done(conn, req)
 
@@ -328,9 +341,10 @@ class WriterServer:
 class WriterClient:
     """One connection to the writer. Use one per thread: locks belong to the connection."""
 
-    def __init__(self, socket_path: str, timeout: float = 30.0) -> None:
+    def __init__(self, socket_path: str, timeout: float = 30.0, retry_for: float = 15.0) -> None:
         self.socket_path = socket_path
         self.timeout = timeout
+        self.retry_for = retry_for
         self._sock: socket.socket | None = None
         self._buf = bytearray()
 
@@ -356,8 +370,30 @@ class WriterClient:
     def connected(self) -> bool:
         return self._sock is not None
 
-    def call(self, **req: Any) -> dict:
-        """Send one request and wait for its answer; raise a typed error if refused."""
+    def call(self, retry: bool = False, **req: Any) -> dict:
+        """Send one request and wait for its answer; raise a typed error if refused.
+
+        With `retry`, a lost writer (killed, restarting) is waited for up to
+        `retry_for` seconds and the request sent again with `acquire`, since the
+        lock died with the old connection. Only idempotent requests may retry.
+        """
+        try:
+            return self._call_once(req)
+        except WriterUnavailable:
+            if not retry:
+                raise
+        deadline = time.monotonic() + self.retry_for
+        pause = 0.05
+        while True:
+            time.sleep(pause)
+            try:
+                return self._call_once({**req, "acquire": True})
+            except WriterUnavailable:
+                if time.monotonic() + pause > deadline:
+                    raise
+                pause = min(pause * 2, 1.0)
+
+    def _call_once(self, req: dict) -> dict:
         sock = self._connect()
         try:
             sock.sendall(encode_frame(req))
@@ -382,27 +418,32 @@ class WriterClient:
 
     # conveniences that name the protocol's operations
 
-    def lock(self, key: str) -> Record | None:
+    def lock(self, key: str, *, retry: bool = False) -> Record | None:
         """Take the key's lock; returns its current record (None if absent)."""
-        return record_from_wire(self.call(op="lock", key=key)["record"])
+        return record_from_wire(self.call(op="lock", key=key, retry=retry)["record"])
 
     def unlock(self, key: str) -> None:
         self.call(op="unlock", key=key)
 
-    def put(self, rec: Record, *, keep_lock: bool = False,
-            expect_volumes: tuple[str, ...] | None = None) -> None:
+    def put(self, rec: Record, *, keep_lock: bool = False, retry: bool = False,
+            expect_volumes: tuple[str, ...] | None = None, new: bool = False) -> None:
+        """Write `rec`. `new`: only if the key is not live (or is live as exactly `rec`,
+        which is what a retry after a lost answer finds)."""
         req: dict[str, Any] = {"op": "put", "key": rec.key, "state": int(rec.state),
                                "volumes": list(rec.volumes), "size": rec.size, "md5": rec.md5,
                                "mtime": rec.mtime, "keep_lock": keep_lock}
         if expect_volumes is not None:
             req["expect_volumes"] = list(expect_volumes)
-        self.call(**req)
+        if new:
+            req["guard"] = "new"
+        self.call(retry=retry, **req)
 
-    def set_state(self, key: str, state: State, *, keep_lock: bool = False) -> None:
-        self.call(op="state", key=key, state=int(state), keep_lock=keep_lock)
+    def set_state(self, key: str, state: State, *, keep_lock: bool = False,
+                  retry: bool = False) -> None:
+        self.call(op="state", key=key, state=int(state), keep_lock=keep_lock, retry=retry)
 
-    def delete(self, key: str, *, keep_lock: bool = False) -> None:
-        self.call(op="delete", key=key, keep_lock=keep_lock)
+    def delete(self, key: str, *, keep_lock: bool = False, retry: bool = False) -> None:
+        self.call(op="delete", key=key, keep_lock=keep_lock, retry=retry)
 
     def bulk(self, recs: list[Record]) -> int:
         return self.call(op="bulk", records=[record_to_wire(r) for r in recs])["count"]

@@ -1,0 +1,256 @@
+"""The health process: probes every volume and publishes its status.
+
+It is the only writer of the `volume_health` table (workers read it, cached for
+half a second). A volume goes down after `fail_count` consecutive failures and
+comes back after `ok_count` successes, so one slow answer does not flap it.
+Workers that see a volume fail mid-request send its name to this process's
+datagram socket; that counts as a failure at once, not only at the next probe.
+
+It also finishes pending deletes: copies of deleted keys that stayed on a volume
+that was down are removed once that volume answers again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
+
+from mkv import index
+from mkv.index import HealthRow, State
+from mkv.keys import blob_path, sidecar_path
+from mkv.volume import VolumeError, VolumePool
+from mkv.writer import KeyLocked, WriterClient, WriterError
+
+log = logging.getLogger("mkv.health")
+
+CLEANUP_BATCH = 200
+
+
+# --- pure: hysteresis ------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class ProbeState:
+    up: bool
+    since: float
+    fails: int = 0
+    oks: int = 0
+    latency_ms: float | None = None
+    error: str | None = None
+
+
+def observe(prev: ProbeState | None, ok: bool, now: float, fail_count: int, ok_count: int,
+            latency_ms: float | None = None, error: str | None = None) -> ProbeState:
+    """Fold one probe result into a volume's state.
+
+    A volume never seen is presumed up (like "unknown"), so a fresh service
+    does not refuse writes until the first probes are in.
+    """
+    if prev is None:
+        prev = ProbeState(up=True, since=now)
+    fails = 0 if ok else prev.fails + 1
+    oks = prev.oks + 1 if ok else 0
+    up = prev.up
+    if up and fails >= fail_count:
+        up = False
+    elif not up and oks >= ok_count:
+        up = True
+    since = prev.since if up == prev.up else now
+    return ProbeState(up, since, fails, oks, latency_ms if ok else prev.latency_ms,
+                      None if ok else error)
+
+
+# --- the process -----------------------------------------------------------------------
+
+
+def health_socket_path(db: str) -> str:
+    """Datagram socket for failure reports, beside the index like the writer's."""
+    return db + ".health.sock"
+
+
+class FailureReporter:
+    """Used by workers: fire-and-forget 'this volume just failed' datagrams."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self._sock.setblocking(False)
+
+    def report(self, volume: str) -> None:
+        try:
+            self._sock.sendto(volume.encode(), self.path)
+        except OSError:
+            pass  # no health process listening: the next probe will tell
+
+
+class HealthChecker:
+    def __init__(self, db: str, volumes: Iterable[str], *, interval: float, timeout: float,
+                 fail_count: int, ok_count: int, writer_socket: str) -> None:
+        self.volumes = list(volumes)
+        self.interval = interval
+        self.fail_count = fail_count
+        self.ok_count = ok_count
+        self.conn = index.open_index(db)
+        self.reader = index.Reader(self.conn)
+        self.pool = VolumePool(timeout, maxsize=4)
+        self.executor = ThreadPoolExecutor(max_workers=max(4, len(self.volumes)))
+        self.writer = WriterClient(writer_socket, timeout=timeout * 5)
+        self.states: dict[str, ProbeState] = {}
+        prior = self.reader.health()  # carry "since" across a restart of this process
+        for vol in self.volumes:
+            if vol in prior:
+                row = prior[vol]
+                self.states[vol] = ProbeState(row.up, row.since, latency_ms=row.latency_ms,
+                                              error=row.error)
+        self.stopping = False
+        self.sock_path = health_socket_path(db)
+        self.sock = self._listen(self.sock_path)
+
+    @staticmethod
+    def _listen(path: str) -> socket.socket:
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        sock.bind(path)
+        return sock
+
+    def probe(self, volume: str) -> tuple[bool, float, str | None]:
+        started = time.perf_counter()
+        try:
+            self.pool.ping(volume)
+            return True, (time.perf_counter() - started) * 1000, None
+        except VolumeError as exc:
+            return False, (time.perf_counter() - started) * 1000, exc.detail
+
+    def record(self, volume: str, ok: bool, latency_ms: float | None, error: str | None) -> None:
+        before = self.states.get(volume)
+        after = observe(before, ok, time.time(), self.fail_count, self.ok_count, latency_ms, error)
+        self.states[volume] = after
+        if before is None or before.up != after.up:
+            log.info("volume %s is %s%s", volume, "up" if after.up else "down",
+                     f" ({error})" if error else "")
+
+    def publish(self) -> None:
+        now = time.time()
+        index.write_health(self.conn, [
+            HealthRow(v, s.up, now, s.since, s.latency_ms, s.error) for v, s in self.states.items()
+        ])
+
+    def round(self) -> None:
+        results = list(self.executor.map(self.probe, self.volumes))
+        for vol, (ok, latency, error) in zip(self.volumes, results, strict=True):
+            self.record(vol, ok, latency, error)
+        self.publish()
+
+    def take_reports(self, wait: float) -> None:
+        """Wait up to `wait` seconds for failure reports; each counts as a failed probe."""
+        self.sock.settimeout(max(wait, 0.0))
+        reported = False
+        while True:
+            try:
+                data = self.sock.recv(4096)
+            except (TimeoutError, BlockingIOError):
+                break
+            vol = data.decode(errors="replace")
+            if vol in self.volumes:
+                self.record(vol, False, None, "failed during a request")
+                reported = True
+            self.sock.settimeout(0)
+        if reported:
+            self.publish()
+
+    def cleanup(self) -> int:
+        """Finish deletes whose copies stayed on volumes that were down. Returns keys done."""
+        done = 0
+        up = {v for v, s in self.states.items() if s.up}
+        for rec in self.reader.records_in_state(State.DELETING, limit=CLEANUP_BATCH):
+            if not set(rec.volumes) & up:
+                continue
+            try:
+                current = self.writer.lock(rec.key)
+            except KeyLocked:
+                continue  # someone is writing it: it is theirs now
+            except WriterError:
+                return done
+            try:
+                if current is None or current.state is not State.DELETING:
+                    self.writer.unlock(rec.key)
+                    continue
+                left = []
+                for vol in current.volumes:
+                    try:
+                        self.pool.delete(vol, sidecar_path(rec.key))
+                        self.pool.delete(vol, blob_path(rec.key))
+                    except VolumeError:
+                        left.append(vol)
+                if left:
+                    self.writer.put(dataclasses.replace(current, volumes=tuple(left)))
+                else:
+                    self.writer.delete(rec.key)
+                    done += 1
+            except WriterError:
+                self.writer.close()
+                return done
+        return done
+
+    def run(self) -> None:
+        while not self.stopping:
+            started = time.monotonic()
+            self.round()
+            try:
+                cleaned = self.cleanup()
+                if cleaned:
+                    log.info("finished %d pending deletes", cleaned)
+            except Exception:  # noqa: BLE001 - cleanup must never stop the probes
+                log.exception("pending-delete cleanup failed")
+            while not self.stopping:
+                left = self.interval - (time.monotonic() - started)
+                if left <= 0:
+                    break
+                self.take_reports(min(left, 0.25))
+        self.sock.close()
+        try:
+            os.unlink(self.sock_path)
+        except FileNotFoundError:
+            pass
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m mkv.health ...`: started and supervised by `mkv serve`."""
+    p = argparse.ArgumentParser(prog="mkv-health")
+    p.add_argument("--db", required=True)
+    p.add_argument("--volumes", required=True)
+    p.add_argument("--writer-socket", required=True)
+    p.add_argument("--interval", type=float, default=1.0)
+    p.add_argument("--timeout", type=float, default=1.0)
+    p.add_argument("--fail-count", type=int, default=2)
+    p.add_argument("--ok-count", type=int, default=2)
+    p.add_argument("--log-level", default="info")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s [%(process)d] [health] %(levelname)s %(message)s")
+    checker = HealthChecker(args.db, args.volumes.split(","), interval=args.interval,
+                            timeout=args.timeout, fail_count=args.fail_count,
+                            ok_count=args.ok_count, writer_socket=args.writer_socket)
+
+    def stop(signum: int, frame: object) -> None:
+        checker.stopping = True
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    checker.run()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
