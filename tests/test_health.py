@@ -1,0 +1,76 @@
+"""Hysteresis of volume health and the supervisor, without a cluster."""
+
+import subprocess
+import sys
+import time
+
+from mkv.health import ProbeState, observe
+from mkv.supervise import Child, Supervisor
+
+
+def run(results, fail=2, ok=2, start=None):
+    state, t = start, 0.0
+    out = []
+    for r in results:
+        t += 1
+        state = observe(state, r, t, fail, ok, latency_ms=1.0, error=None if r else "boom")
+        out.append(state)
+    return out
+
+
+def test_unknown_volume_starts_up_and_goes_down_after_k_failures():
+    states = run([False, False, False])
+    assert [s.up for s in states] == [True, False, False]
+    assert states[1].since == 2.0 and states[2].since == 2.0
+    assert states[2].error == "boom"
+
+
+def test_one_failure_does_not_flap():
+    assert all(s.up for s in run([True, False, True, False, True]))
+
+
+def test_comes_back_after_m_successes():
+    states = run([False, False, True, False, True, True, True], fail=2, ok=2)
+    assert [s.up for s in states] == [True, False, False, False, False, True, True]
+    assert states[5].since == 6.0 and states[5].error is None
+
+
+def test_fail_count_one_means_immediately():
+    assert not run([False], fail=1)[0].up
+
+
+def test_down_volume_keeps_last_latency_and_counts():
+    s = observe(ProbeState(True, 0.0, latency_ms=3.0), False, 1.0, 2, 2, error="x")
+    assert s.latency_ms == 3.0 and s.fails == 1 and s.oks == 0
+
+
+def test_supervisor_restarts_a_killed_child(tmp_path):
+    child = Child("sleeper", [sys.executable, "-c", "import time; time.sleep(60)"])
+    sup = Supervisor([child], poll=0.05)
+    sup.start()
+    try:
+        first = child.proc.pid
+        child.proc.kill()
+        deadline = time.monotonic() + 5
+        while (child.proc.pid == first or not child.alive()) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert child.alive() and child.proc.pid != first and child.restarts == 1
+    finally:
+        sup.stop()
+    assert not child.alive()
+
+
+def test_supervisor_start_fails_loudly_when_a_child_is_never_ready():
+    def never():
+        raise TimeoutError("not ready")
+
+    child = Child("broken", [sys.executable, "-c", "import time; time.sleep(60)"], ready=never)
+    sup = Supervisor([child])
+    try:
+        sup.start()
+        raise AssertionError("start should have failed")
+    except TimeoutError:
+        pass
+    child.proc.wait(5)
+    assert child.proc.returncode is not None
+    subprocess.run(["true"], check=True)
