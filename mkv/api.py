@@ -136,6 +136,9 @@ class KeyResource:
             error_body(resp, falcon.HTTP_413, "too_large",
                        f"{length} bytes is over the limit of {self.cfg.max_value_bytes}")
             return
+        sock = req.env.get("gunicorn.socket")
+        if sock is not None:  # a stalled client must not hold the key's lock forever
+            sock.settimeout(self.cfg.client_timeout)
         self.store().put(key, length, req.bounded_stream.read, req.get_header("Content-MD5"))
         metrics.PUT_BYTES.inc(length)
         resp.status = falcon.HTTP_201

@@ -45,6 +45,7 @@ class Config:
     max_key_bytes: int = 1024
     max_value_bytes: int = 1 << 30
     volume_timeout: float = 10.0
+    client_timeout: float = 30.0
     protect: bool = False
     fallback: str = ""
     md5: bool = True
@@ -114,6 +115,8 @@ def build_parser(prog: str, description: str) -> configargparse.ArgumentParser:
     p.add_argument("--max-value-bytes", type=int, default=d.max_value_bytes, help="largest value")
     p.add_argument("--volume-timeout", type=float, default=d.volume_timeout,
                    help="seconds to wait on a volume (connect and each read)")
+    p.add_argument("--client-timeout", type=float, default=d.client_timeout,
+                   help="seconds a client may pause while sending a value before the PUT is dropped")
     p.add_argument("--protect", type=_bool, default=d.protect, help="DELETE needs an UNLINK first")
     p.add_argument("--fallback", default=d.fallback,
                    help="host:port to redirect GETs of missing keys to (migration)")
@@ -160,7 +163,7 @@ def validate(ns: configargparse.Namespace, *, need_volumes: bool = True) -> Conf
         problems.append("port: must be at most 65535")
     if ns.vnodes < 0:
         problems.append("vnodes: must not be negative")
-    for name in ("volume_timeout", "health_interval", "health_timeout"):
+    for name in ("volume_timeout", "client_timeout", "health_interval", "health_timeout"):
         if getattr(ns, name) <= 0:
             problems.append(f"{name.replace('_', '-')}: must be positive")
     synchronous = str(ns.synchronous).upper()
@@ -188,7 +191,7 @@ def validate(ns: configargparse.Namespace, *, need_volumes: bool = True) -> Conf
         volumes=tuple(volumes), replicas=ns.replicas, db=ns.db, bind=ns.bind, port=ns.port,
         workers=ns.workers, threads=ns.threads, writer_socket=ns.writer_socket,
         max_key_bytes=ns.max_key_bytes, max_value_bytes=ns.max_value_bytes,
-        volume_timeout=ns.volume_timeout, protect=ns.protect, fallback=ns.fallback, md5=ns.md5,
+        volume_timeout=ns.volume_timeout, client_timeout=ns.client_timeout, protect=ns.protect, fallback=ns.fallback, md5=ns.md5,
         synchronous=synchronous, vnodes=ns.vnodes, health_interval=ns.health_interval,
         health_timeout=ns.health_timeout, health_fail_count=ns.health_fail_count,
         health_ok_count=ns.health_ok_count, log_level=ns.log_level.lower(),

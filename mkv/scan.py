@@ -1,0 +1,317 @@
+"""Pure decisions of mkv-rebuild: what a volume listing holds, and what each key becomes.
+
+No IO here. The rebuild shell (mkv/tools/rebuild.py) lists directories and reads sidecars;
+these functions turn what it saw into index records and a list of problems:
+
+    parse_leaf      one leaf directory's autoindex entries -> blobs, sidecars, stray names
+    merge_dir       the same leaf directory on every volume -> candidates (hash + replicas
+                    that hold blob and sidecar) and problems (half-written replicas)
+    KeyResolver     one candidate: which replica's sidecar to read next, and once one decoded,
+                    the record (volumes in ring order) plus the replicas left out and why
+
+Per-file work is kept to a few string operations: the rebuild walks every file of every
+volume, so this is the hot loop.
+"""
+
+from __future__ import annotations
+
+import calendar
+import dataclasses
+import enum
+import json
+from collections.abc import Iterable, Mapping, Sequence
+
+from mkv.index import Record, State
+from mkv.keys import key_hash
+from mkv.ring import Ring
+
+HEX = "0123456789abcdef"
+#: The 256 names a fan-out directory may have.
+FANOUT = frozenset(a + b for a in HEX for b in HEX)
+_HEXSET = frozenset(HEX)
+HASH_LEN = 64
+SIDECAR_SUFFIX = ".key"
+
+
+class Kind(enum.Enum):
+    """What can be wrong on a volume; every problem the rebuild reports has one."""
+
+    BLOB_WITHOUT_SIDECAR = "blob without sidecar (unfinished write)"
+    SIDECAR_WITHOUT_BLOB = "sidecar without blob"
+    CORRUPT_SIDECAR = "corrupt sidecar JSON"
+    WRONG_HASH = "sidecar key does not hash to its file name"
+    SIZE_MISMATCH = "blob size differs from its sidecar"
+    UNREADABLE = "could not read (vanished or error status)"
+    STRAY = "unexpected name in the fan-out tree"
+    UNDER_REPLICATED = "key has fewer replicas than --replicas"
+    UNREACHABLE = "volume unreachable (its keys are missing: partial result)"
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Problem:
+    kind: Kind
+    volume: str
+    path: str
+    detail: str = ""
+
+    def __str__(self) -> str:
+        where = f"{self.volume} {self.path}".rstrip()
+        return f"{where}: {self.detail}" if self.detail else where
+
+
+def top_dirs(entries: Iterable[Mapping]) -> list[str]:
+    """The fan-out directories in a listing of "/" or "/ab/"; other names are ignored."""
+    return sorted(e["name"] for e in entries
+                  if e.get("type") == "directory" and e.get("name") in FANOUT)
+
+
+@dataclasses.dataclass(slots=True)
+class Leaf:
+    """One leaf directory ("ab/cd") of one volume."""
+
+    blobs: dict[str, tuple[int, str]]  # hash -> (size, mtime as nginx prints it)
+    sidecars: set[str]
+    strays: list[str]
+
+
+def parse_leaf(dirpath: str, entries: Iterable[Mapping]) -> Leaf:
+    """Sort one leaf directory's autoindex entries; `dirpath` is "ab/cd".
+
+    A name that is not 64 hex digits (optionally + ".key") starting with the directory's own
+    four digits is stray: nothing mkv writes, reported and otherwise ignored.
+    """
+    start = dirpath[0:2] + dirpath[3:5]
+    blobs: dict[str, tuple[int, str]] = {}
+    sidecars: set[str] = set()
+    strays: list[str] = []
+    hexset = _HEXSET
+    for e in entries:
+        name = e["name"]
+        sidecar = name.endswith(SIDECAR_SUFFIX)
+        h = name[:-4] if sidecar else name
+        if (len(h) != HASH_LEN or not h.startswith(start) or e.get("type") != "file"
+                or not hexset.issuperset(h)):
+            strays.append(name)
+        elif sidecar:
+            sidecars.add(h)
+        else:
+            blobs[h] = (e.get("size", 0), e.get("mtime", ""))
+    return Leaf(blobs, sidecars, strays)
+
+
+@dataclasses.dataclass(slots=True)
+class Candidate:
+    """A hash with at least one replica holding both its blob and its sidecar."""
+
+    hash: str
+    dirpath: str  # "ab/cd"
+    replicas: list[tuple[str, int, str]]  # (volume, blob size, blob mtime), listing order
+
+    @property
+    def blob_path(self) -> str:
+        return f"/{self.dirpath}/{self.hash}"
+
+    @property
+    def sidecar_path(self) -> str:
+        return f"/{self.dirpath}/{self.hash}{SIDECAR_SUFFIX}"
+
+
+def merge_dir(dirpath: str, leaves: Mapping[str, Leaf]) -> tuple[list[Candidate], list[Problem]]:
+    """One leaf directory as every volume lists it -> candidates and half-written replicas.
+
+    A replica counts only when its volume has both files: the sidecar is written after the
+    blob is complete, so a blob alone is an unfinished write and a sidecar alone has lost
+    its bytes. Either is reported for that volume and left out.
+    """
+    problems: list[Problem] = []
+    found: dict[str, list[tuple[str, int, str]]] = {}
+    for volume, leaf in leaves.items():
+        blobs, sidecars = leaf.blobs, leaf.sidecars
+        for name in leaf.strays:
+            problems.append(Problem(Kind.STRAY, volume, f"/{dirpath}/{name}"))
+        for h, (size, mtime) in blobs.items():
+            if h in sidecars:
+                replicas = found.get(h)
+                if replicas is None:
+                    found[h] = [(volume, size, mtime)]
+                else:
+                    replicas.append((volume, size, mtime))
+            else:
+                problems.append(Problem(Kind.BLOB_WITHOUT_SIDECAR, volume, f"/{dirpath}/{h}",
+                                        f"{size} bytes"))
+        for h in sorted(sidecars.difference(blobs)):
+            problems.append(Problem(Kind.SIDECAR_WITHOUT_BLOB, volume,
+                                    f"/{dirpath}/{h}{SIDECAR_SUFFIX}"))
+    return [Candidate(h, dirpath, r) for h, r in found.items()], problems
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Sidecar:
+    key: str
+    size: int
+    md5: str
+
+
+def decode_sidecar(h: str, body: bytes) -> Sidecar | tuple[Kind, str]:
+    """A sidecar's JSON, checked: a Sidecar, or (kind, detail) saying what is wrong."""
+    try:
+        doc = json.loads(body)
+    except ValueError as exc:  # also UnicodeDecodeError
+        return Kind.CORRUPT_SIDECAR, f"not JSON: {exc}"
+    if not isinstance(doc, dict):
+        return Kind.CORRUPT_SIDECAR, "not a JSON object"
+    key, size, md5 = doc.get("key"), doc.get("size"), doc.get("md5")
+    if not isinstance(key, str) or not key:
+        return Kind.CORRUPT_SIDECAR, "no key"
+    if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+        return Kind.CORRUPT_SIDECAR, f"bad size {size!r}"
+    if not isinstance(md5, str):
+        return Kind.CORRUPT_SIDECAR, f"bad md5 {md5!r}"
+    if key_hash(key) != h:
+        return Kind.WRONG_HASH, f"key {key!r} hashes to {key_hash(key)}"
+    return Sidecar(key, size, md5)
+
+
+_MONTHS = {m: i for i, m in enumerate(
+    ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"), 1)}
+_mtime_cache: dict[str, float] = {}
+
+
+def parse_mtime(text: str) -> float:
+    """nginx's autoindex mtime ("Sun, 29 Nov 2026 10:43:13 GMT") as a Unix time; 0 if odd.
+
+    Many files share a second, so results are cached (the cache is bounded).
+    """
+    t = _mtime_cache.get(text)
+    if t is None:
+        try:
+            _, day, mon, year, hms, _ = text.split(" ")
+            hh, mm, ss = hms.split(":")
+            t = float(calendar.timegm((int(year), _MONTHS[mon], int(day), int(hh), int(mm), int(ss))))
+        except (ValueError, KeyError):
+            t = 0.0
+        if len(_mtime_cache) > 100_000:
+            _mtime_cache.clear()
+        _mtime_cache[text] = t
+    return t
+
+
+def ring_order(ring: Ring, key: str, held: Sequence[str]) -> tuple[str, ...]:
+    """The volumes that hold `key`, in ring order (the index's `volumes` column)."""
+    if len(held) <= 1:
+        return tuple(held)
+    want = set(held)
+    placed = ring.place(key, len(want))  # usual case: the key sits where the ring puts it
+    if len(placed) == len(want) and want.issuperset(placed):
+        return tuple(placed)
+    out = [v for v in ring.walk(key) if v in want]
+    if len(out) < len(want):  # volumes outside the ring (should not happen): keep them, last
+        out += sorted(want.difference(out))
+    return tuple(out)
+
+
+class KeyResolver:
+    """Decide one candidate, reading as few sidecars as possible (one, unless one is bad).
+
+    Call `next_read()` for the volume whose sidecar to read (None: decided), `feed()` the
+    bytes read (or a `(Kind, detail)` if the read failed), repeat; then `record()`.
+
+    The replicas whose blob size is the most common go first, so in the usual case the one
+    sidecar read agrees with the majority. The first sidecar that decodes and hashes right
+    decides key, size and md5; each replica whose blob has another size is reported as a
+    size mismatch and left out. A replica whose sidecar could not be read or is bad is
+    reported and left out, and the next replica's sidecar is read instead.
+    """
+
+    __slots__ = ("cand", "queue", "sidecar", "bad", "problems")
+
+    def __init__(self, cand: Candidate) -> None:
+        self.cand = cand
+        reps = cand.replicas
+        if len(reps) > 1:
+            # Spread the reads over the volumes: start at a hash-chosen replica.
+            shift = int(cand.hash[4:8], 16) % len(reps)
+            reps = reps[shift:] + reps[:shift]
+            sizes = [r[1] for r in reps]
+            if min(sizes) != max(sizes):
+                best = max(sizes, key=sizes.count)  # first of the most common, in read order
+                reps = [r for r in reps if r[1] == best] + [r for r in reps if r[1] != best]
+        self.queue: list[str] = [r[0] for r in reps]
+        self.sidecar: Sidecar | None = None
+        self.bad: set[str] = set()
+        self.problems: list[Problem] = []
+
+    def next_read(self) -> str | None:
+        if self.sidecar is not None or not self.queue:
+            return None
+        return self.queue[0]
+
+    def feed(self, volume: str, outcome: bytes | tuple[Kind, str]) -> None:
+        self.queue.remove(volume)
+        if isinstance(outcome, tuple):
+            decoded: Sidecar | tuple[Kind, str] = outcome
+        else:
+            decoded = decode_sidecar(self.cand.hash, outcome)
+        if isinstance(decoded, Sidecar):
+            self.sidecar = decoded
+        else:
+            kind, detail = decoded
+            self.bad.add(volume)
+            self.problems.append(Problem(kind, volume, self.cand.sidecar_path, detail))
+
+    @property
+    def done(self) -> bool:
+        return self.sidecar is not None or not self.queue
+
+    def record(self, ring: Ring) -> Record | None:
+        """The key's record (None if no replica survived); adds size mismatches to problems."""
+        sc = self.sidecar
+        if sc is None:
+            return None
+        held: list[str] = []
+        mtime = 0.0
+        for volume, size, blob_mtime in self.cand.replicas:
+            if volume in self.bad:
+                continue
+            if size != sc.size:
+                self.problems.append(Problem(
+                    Kind.SIZE_MISMATCH, volume, self.cand.blob_path,
+                    f"blob {size} bytes, sidecar says {sc.size} (key {sc.key!r})"))
+                continue
+            held.append(volume)
+            mtime = max(mtime, parse_mtime(blob_mtime))
+        if not held:
+            return None
+        return Record(sc.key, State.LIVE, ring_order(ring, sc.key, held), sc.size, sc.md5, mtime)
+
+
+@dataclasses.dataclass
+class Report:
+    """Problems by kind: a count and the first few, for the summary."""
+
+    keep: int = 5
+    counts: dict[Kind, int] = dataclasses.field(default_factory=dict)
+    samples: dict[Kind, list[Problem]] = dataclasses.field(default_factory=dict)
+
+    def add(self, problems: Iterable[Problem]) -> None:
+        for p in problems:
+            self.counts[p.kind] = self.counts.get(p.kind, 0) + 1
+            sample = self.samples.setdefault(p.kind, [])
+            if len(sample) < self.keep:
+                sample.append(p)
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+    def lines(self) -> list[str]:
+        out = []
+        for kind in Kind:  # stable order, the enum's
+            n = self.counts.get(kind, 0)
+            if not n:
+                continue
+            out.append(f"  {kind.value}: {n}")
+            out += [f"    {p}" for p in self.samples[kind]]
+            if n > len(self.samples[kind]):
+                out.append(f"    ... and {n - len(self.samples[kind])} more")
+        return out

@@ -1,0 +1,735 @@
+"""mkv-rebuild: reconstruct the index from nothing but the volumes.
+
+    mkv-rebuild --volumes host:port,... --db NEW_INDEX [--force] [--concurrency N]
+
+Walks every volume's fan-out tree through nginx's autoindex JSON ("/", "/ab/", "/ab/cd/"),
+reads each distinct `.key` sidecar once, merges the replicas of every key (mkv/scan.py
+decides; this module only does the IO), and writes the index into a temporary file beside
+the target that is renamed into place at the very end: an interrupted rebuild leaves the
+old file (or no file) untouched, never half an index.
+
+Exit codes: 0 clean, 1 problems found (an inconsistency on disk, or a volume that could not
+be read: the index is then partial), 2 usage (bad configuration, an index that would be
+overwritten without --force, a live `mkv serve` writer on the target).
+
+Speed: a rebuild is one listing per directory per volume plus one sidecar read per key, i.e.
+hundreds of thousands of tiny GETs. A urllib3 request costs ~0.4 ms of Python, which would
+cap the rebuild near 1,000 keys/s on two cores; so the GETs here go through `Pipe`, a
+minimal keep-alive HTTP/1.1 client that pipelines a window of requests per round trip
+(nginx answers pipelined requests in order). Errors are mkv.volume's typed VolumeErrors.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import queue
+import signal
+import socket
+import sys
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from typing import TextIO
+from urllib.parse import quote
+
+import apsw
+
+from mkv import config as config_mod
+from mkv import index
+from mkv.config import Config, default_writer_socket
+from mkv.index import Record
+from mkv.ring import Ring
+from mkv.scan import (
+    Candidate,
+    KeyResolver,
+    Kind,
+    Leaf,
+    Problem,
+    Report,
+    merge_dir,
+    parse_leaf,
+    top_dirs,
+)
+from mkv.volume import VolumeError, VolumeStatus, VolumeTimeout, VolumeUnreachable
+
+PROG = "mkv-rebuild"
+DEFAULT_CONCURRENCY = 16
+#: Requests sent back to back on one connection before reading the answers.
+WINDOW = 64
+#: Leaf directories per unit of work (listed on every volume, then their sidecars read).
+UNIT_DIRS = 128
+#: Rows per SQLite transaction.
+BATCH_ROWS = 50_000
+#: Attempts per request window before a volume counts as unreachable, and the pauses between.
+ATTEMPTS = 4
+BACKOFF = (0.2, 0.5, 1.0)
+
+
+class UsageError(Exception):
+    """The rebuild must not start: exit 2 with this message."""
+
+
+# --- HTTP: a pipelining keep-alive GET client ----------------------------------------------
+
+
+class _Dropped(Exception):
+    """The connection closed before a full answer arrived."""
+
+
+class _BadResponse(Exception):
+    """Not HTTP as nginx speaks it."""
+
+
+class Pipe:
+    """One keep-alive HTTP/1.1 connection to a volume that pipelines GETs.
+
+    `get_many(paths)` sends up to WINDOW requests at once and reads the answers in order.
+    A connection that drops (nginx's keepalive_requests limit, a restart) is reopened and
+    the unanswered requests sent again (GETs are idempotent); after ATTEMPTS failed tries
+    without progress the volume is unreachable. Not thread-safe: one thread at a time.
+    """
+
+    def __init__(self, volume: str, timeout: float, on_request: Callable[[int, float], None]) -> None:
+        self.volume = volume
+        hostport, _, prefix = volume.partition("/")
+        self.prefix = "/" + prefix if prefix else ""
+        host, _, port = hostport.rpartition(":")
+        self.addr = (host[1:-1] if host.startswith("[") else host, int(port))
+        self.head = f" HTTP/1.1\r\nHost: {hostport}\r\nUser-Agent: {PROG}\r\n\r\n"
+        self.timeout = timeout
+        self.on_request = on_request
+        self.sock: socket.socket | None = None
+        self.buf = bytearray()
+        self.pos = 0
+
+    def close(self) -> None:
+        if self.sock is not None:
+            try:
+                self.sock.close()
+            except OSError:
+                pass
+        self.sock = None
+        self.buf = bytearray()
+        self.pos = 0
+
+    def get_many(self, paths: Sequence[str]) -> list[tuple[int, bytes]]:
+        """(status, body) for each path, in order. Raises VolumeUnreachable / VolumeTimeout."""
+        out: list[tuple[int, bytes]] = []
+        for i in range(0, len(paths), WINDOW):
+            out += self._window(paths[i:i + WINDOW])
+        return out
+
+    def _window(self, paths: Sequence[str]) -> list[tuple[int, bytes]]:
+        results: list[tuple[int, bytes]] = []
+        failures = 0
+        started = time.perf_counter()
+        while len(results) < len(paths):
+            todo = paths[len(results):]
+            before = len(results)
+            try:
+                if self.sock is None:
+                    self.sock = socket.create_connection(self.addr, timeout=self.timeout)
+                    self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                prefix, head = self.prefix, self.head
+                self.sock.sendall("".join(f"GET {prefix}{p}{head}" for p in todo).encode())
+                for _ in todo:
+                    status, body, closing = self._response()
+                    results.append((status, body))
+                    if closing:  # nginx drops the rest of the pipeline: resend it
+                        self.close()
+                        break
+            except (TimeoutError, socket.timeout) as exc:
+                self.close()
+                failures = 0 if len(results) > before else failures + 1
+                if failures >= 2:
+                    raise VolumeTimeout(self.volume, f"GET {todo[0]}: timed out") from exc
+            except (OSError, _Dropped, _BadResponse) as exc:
+                self.close()
+                failures = 0 if len(results) > before else failures + 1
+                if failures >= ATTEMPTS:
+                    detail = str(exc) or type(exc).__name__
+                    raise VolumeUnreachable(self.volume, f"GET {todo[0]}: {detail}") from exc
+                time.sleep(BACKOFF[min(failures, len(BACKOFF)) - 1])
+        self.on_request(len(paths), time.perf_counter() - started)
+        return results
+
+    # Parsing: nginx answers with Content-Length (files, errors) or chunked (autoindex).
+
+    def _fill(self) -> None:
+        assert self.sock is not None
+        data = self.sock.recv(1 << 18)
+        if not data:
+            raise _Dropped("connection closed by the volume")
+        if self.pos and self.pos >= len(self.buf) // 2:
+            del self.buf[:self.pos]
+            self.pos = 0
+        self.buf += data
+
+    def _line_end(self, pos: int) -> int:
+        while (end := self.buf.find(b"\r\n", pos)) < 0:
+            self._fill()
+            pos = self.pos  # _fill may have compacted the buffer
+        return end
+
+    def _take(self, n: int) -> bytes:
+        while len(self.buf) - self.pos < n:
+            self._fill()
+        body = bytes(self.buf[self.pos:self.pos + n])
+        self.pos += n
+        return body
+
+    def _response(self) -> tuple[int, bytes, bool]:
+        while (end := self.buf.find(b"\r\n\r\n", self.pos)) < 0:
+            self._fill()
+        head = bytes(self.buf[self.pos:end]).lower()
+        self.pos = end + 4
+        if not head.startswith(b"http/1."):
+            raise _BadResponse(f"not an HTTP response: {head[:40]!r}")
+        status = int(head[9:12])
+        closing = b"\r\nconnection: close" in head
+        i = head.find(b"\r\ncontent-length:")
+        if i >= 0:
+            j = head.find(b"\r\n", i + 2)
+            body = self._take(int(head[i + 17:j if j >= 0 else len(head)]))
+        elif b"\r\ntransfer-encoding: chunked" in head:
+            body = self._chunked()
+        elif status in (204, 304) or 100 <= status < 200:
+            body = b""
+        else:
+            raise _BadResponse("response without a length")
+        return status, body, closing
+
+    def _chunked(self) -> bytes:
+        parts = []
+        while True:
+            end = self._line_end(self.pos)
+            size = int(bytes(self.buf[self.pos:end]).split(b";")[0], 16)
+            self.pos = end + 2
+            if size == 0:
+                while (end := self._line_end(self.pos)) != self.pos:  # trailers, then a blank
+                    self.pos = end + 2
+                self.pos += 2
+                return b"".join(parts)
+            parts.append(self._take(size))
+            self._take(2)
+
+
+class Pipes:
+    """Idle Pipes per volume; a thread borrows one for a batch and gives it back."""
+
+    def __init__(self, timeout: float) -> None:
+        self.timeout = timeout
+        self.idle: dict[str, queue.SimpleQueue[Pipe]] = defaultdict(queue.SimpleQueue)
+        self.lock = threading.Lock()
+        self.requests = 0
+        self.http_s = 0.0
+
+    def _count(self, n: int, seconds: float) -> None:
+        with self.lock:
+            self.requests += n
+            self.http_s += seconds
+
+    def get_many(self, volume: str, paths: Sequence[str]) -> list[tuple[int, bytes]]:
+        try:
+            pipe = self.idle[volume].get_nowait()
+        except queue.Empty:
+            pipe = Pipe(volume, self.timeout, self._count)
+        try:
+            result = pipe.get_many(paths)
+        except BaseException:
+            pipe.close()
+            raise
+        self.idle[volume].put(pipe)
+        return result
+
+    def close(self) -> None:
+        for q in self.idle.values():
+            while True:
+                try:
+                    q.get_nowait().close()
+                except queue.Empty:
+                    break
+
+
+# --- the scan ------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Stats:
+    volumes: int = 0
+    volumes_scanned: int = 0
+    dirs_total: int = 0
+    dirs_done: int = 0
+    keys: int = 0
+    replicas: int = 0
+    bytes: int = 0
+    replica_bytes: int = 0
+    requests: int = 0
+    http_s: float = 0.0  # summed over threads: time spent in HTTP round trips
+    scan_s: float = 0.0  # wall time from the first listing to the last sidecar read
+    sqlite_s: float = 0.0  # wall time in SQLite (inserts, commit, switch to WAL, fsync)
+    elapsed: float = 0.0
+
+    @property
+    def rate(self) -> float:
+        return self.keys / self.elapsed if self.elapsed > 0 else 0.0
+
+
+@dataclasses.dataclass
+class Result:
+    stats: Stats
+    report: Report
+    unreachable: dict[str, str]  # volume -> why
+    db: str
+
+    @property
+    def partial(self) -> bool:
+        return bool(self.unreachable)
+
+    @property
+    def exit_code(self) -> int:
+        return 1 if self.partial or self.report.total else 0
+
+
+@dataclasses.dataclass
+class UnitResult:
+    records: list[Record]
+    problems: list[Problem]
+    dirs: int
+
+
+class Scanner:
+    """The IO shell around mkv.scan: lists, reads, and hands records to the caller."""
+
+    def __init__(self, cfg: Config, pipes: Pipes) -> None:
+        self.cfg = cfg
+        self.pipes = pipes
+        self.ring = Ring(cfg.volumes, **({"vnodes": cfg.vnodes} if cfg.vnodes else {}))
+        self.dead: dict[str, str] = {}
+        self.dead_lock = threading.Lock()
+
+    def _fail(self, volume: str, exc: VolumeError) -> None:
+        with self.dead_lock:
+            self.dead.setdefault(volume, exc.detail)
+
+    def alive(self, volume: str) -> bool:
+        return volume not in self.dead
+
+    def _listing(self, volume: str, path: str, status: int, body: bytes,
+                 problems: list[Problem]) -> list[dict] | None:
+        """Decode one autoindex answer; None (and a problem) if it cannot be used."""
+        if status == 404:
+            return []
+        if status != 200:
+            problems.append(Problem(Kind.UNREADABLE, volume, path, f"listing answered {status}"))
+            return None
+        try:
+            entries = json.loads(body)
+            if not isinstance(entries, list):
+                raise ValueError("not a list")
+            return entries
+        except ValueError as exc:
+            problems.append(Problem(Kind.UNREADABLE, volume, path, f"bad autoindex JSON: {exc}"))
+            return None
+
+    def leaf_dirs(self, volume: str) -> tuple[list[str], list[Problem]]:
+        """Every "ab/cd" directory of one volume: "/" then each "/ab/", pipelined."""
+        problems: list[Problem] = []
+        try:
+            [(status, body)] = self.pipes.get_many(volume, ["/"])
+            if status not in (200, 404):
+                raise VolumeStatus(volume, status, "GET", "/")
+            root = self._listing(volume, "/", status, body, problems)
+            if root is None:
+                return [], problems
+            tops = top_dirs(root)
+            answers = self.pipes.get_many(volume, [f"/{ab}/" for ab in tops])
+        except VolumeError as exc:
+            self._fail(volume, exc)
+            return [], problems
+        leaves = []
+        for ab, (status, body) in zip(tops, answers, strict=True):
+            entries = self._listing(volume, f"/{ab}/", status, body, problems)
+            if entries:
+                leaves += [f"{ab}/{cd}" for cd in top_dirs(entries)]
+        return leaves, problems
+
+    def unit(self, dirs: Sequence[tuple[str, tuple[str, ...]]]) -> UnitResult:
+        """List a run of leaf directories on every volume that has them, then decide each key."""
+        problems: list[Problem] = []
+        leaves: dict[str, dict[str, Leaf]] = defaultdict(dict)
+        for volume in self.cfg.volumes:
+            mine = [d for d, vols in dirs if volume in vols]
+            if not mine or not self.alive(volume):
+                continue
+            try:
+                answers = self.pipes.get_many(volume, [f"/{d}/" for d in mine])
+            except VolumeError as exc:
+                self._fail(volume, exc)
+                continue
+            for d, (status, body) in zip(mine, answers, strict=True):
+                entries = self._listing(volume, f"/{d}/", status, body, problems)
+                if entries is not None:
+                    leaves[d][volume] = parse_leaf(d, entries)
+        candidates: list[Candidate] = []
+        for d, by_volume in leaves.items():
+            found, trouble = merge_dir(d, by_volume)
+            candidates += found
+            problems += trouble
+        resolvers = [KeyResolver(c) for c in candidates]
+        self._read_sidecars(resolvers)
+        records: list[Record] = []
+        replicas = self.cfg.replicas
+        for r in resolvers:
+            rec = r.record(self.ring)
+            problems += r.problems
+            if rec is not None:
+                records.append(rec)
+                if len(rec.volumes) < replicas:
+                    problems.append(Problem(Kind.UNDER_REPLICATED, ",".join(rec.volumes), rec.key,
+                                            f"{len(rec.volumes)} of {replicas}"))
+        return UnitResult(records, problems, len(dirs))
+
+    def _read_sidecars(self, resolvers: list[KeyResolver]) -> None:
+        """One read per key; more only where a sidecar turned out bad or unreadable."""
+        pending = resolvers
+        while pending:
+            by_volume: dict[str, list[KeyResolver]] = defaultdict(list)
+            for r in pending:
+                volume = r.next_read()
+                if volume is not None:
+                    by_volume[volume].append(r)
+            for volume, group in by_volume.items():
+                if not self.alive(volume):
+                    for r in group:
+                        r.feed(volume, (Kind.UNREADABLE, f"volume unreachable: {self.dead[volume]}"))
+                    continue
+                try:
+                    answers = self.pipes.get_many(volume, [r.cand.sidecar_path for r in group])
+                except VolumeError as exc:
+                    self._fail(volume, exc)
+                    for r in group:
+                        r.feed(volume, (Kind.UNREADABLE, exc.detail))
+                    continue
+                for r, (status, body) in zip(group, answers, strict=True):
+                    r.feed(volume, body if status == 200 else (Kind.UNREADABLE, f"answered {status}"))
+            pending = [r for group in by_volume.values() for r in group if not r.done]
+
+
+# --- the index file ------------------------------------------------------------------------
+
+
+def writer_alive(socket_path: str) -> bool:
+    """Does a live `mkv serve` writer accept connections on this socket?"""
+    if not os.path.exists(socket_path):
+        return False
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(2.0)
+    try:
+        probe.connect(socket_path)
+        return True
+    except (FileNotFoundError, ConnectionRefusedError):
+        return False  # a stale socket file of a dead writer
+    except OSError:
+        return True  # cannot tell (permissions, a full backlog): assume it is in use
+    finally:
+        probe.close()
+
+
+def index_has_content(path: str) -> bool:
+    """True if `path` holds anything a rebuild must not silently replace.
+
+    A missing or zero-byte file, or an mkv index without keys, is fine to write. A WAL with
+    frames, an unreadable file or anything that is not an mkv index counts as content. The
+    file is opened immutable and read-only, so checking leaves no -wal/-shm behind.
+    """
+    if not os.path.exists(path):
+        return False
+    wal = path + "-wal"
+    if os.path.exists(wal) and os.path.getsize(wal) > 0:
+        return True
+    if os.path.getsize(path) == 0:
+        return False
+    try:
+        conn = apsw.Connection(f"file:{quote(os.path.abspath(path))}?immutable=1",
+                               flags=apsw.SQLITE_OPEN_READONLY | apsw.SQLITE_OPEN_URI)
+        try:
+            return conn.execute("SELECT 1 FROM keys LIMIT 1").fetchone() is not None
+        finally:
+            conn.close()
+    except apsw.Error:
+        return True
+
+
+def temp_path(target: str) -> str:
+    head, tail = os.path.split(os.path.abspath(target))
+    return os.path.join(head, f".{tail}.rebuild-{os.getpid()}.tmp")
+
+
+def remove_db_files(path: str) -> None:
+    for p in (path, path + "-wal", path + "-shm", path + "-journal"):
+        try:
+            os.unlink(p)
+        except FileNotFoundError:
+            pass
+
+
+def open_temp_index(path: str) -> apsw.Connection:
+    """A fresh index for bulk loading: no journal, no syncs (the file is thrown away on
+    failure, and made durable once, at the end)."""
+    remove_db_files(path)
+    conn = apsw.Connection(path, flags=apsw.SQLITE_OPEN_READWRITE | apsw.SQLITE_OPEN_CREATE)
+    conn.execute("PRAGMA journal_mode=OFF")
+    conn.execute("PRAGMA synchronous=OFF")
+    conn.execute("PRAGMA cache_size=-262144")
+    index.init_schema(conn)
+    return conn
+
+
+def finish_index(conn: apsw.Connection, tmp: str, target: str, meta: dict[str, str]) -> None:
+    """Make the temporary index durable and put it in place of `target` atomically."""
+    with conn:
+        conn.executemany("INSERT OR REPLACE INTO meta VALUES(?, ?)", list(meta.items()))
+    conn.execute("PRAGMA journal_mode=WAL")  # what every mkv process expects; sticks to the file
+    conn.close()
+    fd = os.open(tmp, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    replace_file(tmp, target)
+
+
+def replace_file(tmp: str, target: str) -> None:
+    """rename(2) `tmp` over `target`, dropping the target's WAL and shared memory first:
+    an old WAL beside a new database would be replayed into it."""
+    for stale in (target + "-wal", target + "-shm"):
+        try:
+            os.unlink(stale)
+        except FileNotFoundError:
+            pass
+    os.replace(tmp, target)
+    fd = os.open(os.path.dirname(os.path.abspath(target)), os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def check_target(cfg: Config, db: str, force: bool) -> None:
+    """Raise UsageError if writing `db` could hurt a running service or an existing index."""
+    for sock in {cfg.writer_socket, default_writer_socket(db)}:
+        if writer_alive(sock):
+            raise UsageError(
+                f"a live mkv writer accepts connections on {sock}: `mkv serve` is using {db}. "
+                "Stop the service first, or rebuild into another --db and swap the files "
+                "while the service is stopped")
+    if index_has_content(db) and not force:
+        raise UsageError(f"{db} already holds an index (or something else); "
+                         "pass --force to replace it, or choose another --db")
+
+
+# --- progress and summary ------------------------------------------------------------------
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return ""
+
+
+class Progress:
+    """One status line on stderr: rewritten in place on a terminal, every few seconds if not."""
+
+    def __init__(self, out: TextIO, enabled: bool = True) -> None:
+        self.out = out
+        self.enabled = enabled
+        self.tty = enabled and hasattr(out, "isatty") and out.isatty()
+        self.interval = 0.25 if self.tty else 2.0
+        self.last = 0.0
+        self.shown = False
+
+    def update(self, stats: Stats, started: float, problems: int, force: bool = False) -> None:
+        now = time.monotonic()
+        if not self.enabled or (not force and now - self.last < self.interval):
+            return
+        self.last = now
+        took = now - started
+        rate = stats.keys / took if took > 0 else 0.0
+        line = (f"{PROG}: volumes {stats.volumes_scanned}/{stats.volumes}, "
+                f"dirs {stats.dirs_done}/{stats.dirs_total}, keys {stats.keys}, "
+                f"{rate:,.0f} keys/s, problems {problems}, {took:.1f}s")
+        if self.tty:
+            self.out.write("\r" + line + "\x1b[K")
+            self.shown = True
+        else:
+            self.out.write(line + "\n")
+        self.out.flush()
+
+    def end(self) -> None:
+        if self.shown:
+            self.out.write("\n")
+            self.out.flush()
+            self.shown = False
+
+
+def summary(result: Result) -> list[str]:
+    s, r = result.stats, result.report
+    lines = [
+        f"{PROG}: {s.keys} keys, {s.replicas} replicas, {_size(s.bytes)} of values "
+        f"({_size(s.replica_bytes)} with replicas) in {s.elapsed:.1f}s ({s.rate:,.0f} keys/s)",
+        f"{PROG}: scanned {s.volumes_scanned}/{s.volumes} volumes, {s.dirs_done} directories, "
+        f"{s.requests} requests; HTTP {s.scan_s:.1f}s wall, SQLite {s.sqlite_s:.1f}s",
+    ]
+    if r.total:
+        lines.append(f"{PROG}: problems: {r.total} (never imported)")
+        lines += r.lines()
+    else:
+        lines.append(f"{PROG}: problems: none")
+    if result.partial:
+        down = ", ".join(f"{v} ({why})" for v, why in sorted(result.unreachable.items()))
+        lines.append(f"{PROG}: PARTIAL result: could not read {down}; keys held only there are "
+                     "missing and others lack those replicas. Rerun when the volume is back.")
+    lines.append(f"{PROG}: index written to {result.db}" + (
+        " (partial)" if result.partial else "" if not r.total else " (problems left out)"))
+    return lines
+
+
+# --- the rebuild ---------------------------------------------------------------------------
+
+
+def rebuild(cfg: Config, db: str, *, force: bool = False, concurrency: int = DEFAULT_CONCURRENCY,
+            err: TextIO = sys.stderr, progress: bool = True) -> Result:
+    """Scan the volumes and write the index to `db`. Raises UsageError before doing anything
+    if the target is in use or would be overwritten without `force`."""
+    check_target(cfg, db, force)
+    started = time.monotonic()
+    stats = Stats(volumes=len(cfg.volumes))
+    report = Report()
+    show = Progress(err, progress)
+    pipes = Pipes(cfg.volume_timeout)
+    scanner = Scanner(cfg, pipes)
+    tmp = temp_path(db)
+    conn = open_temp_index(tmp)
+    pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="rebuild")
+    done = False
+    try:
+        # 1. the fan-out directories of every volume
+        where: dict[str, list[str]] = defaultdict(list)
+        for volume, fut in [(v, pool.submit(scanner.leaf_dirs, v)) for v in cfg.volumes]:
+            leaves, problems = fut.result()
+            report.add(problems)
+            for d in leaves:
+                where[d].append(volume)
+        stats.volumes_scanned = sum(1 for v in cfg.volumes if scanner.alive(v))
+        dirs = sorted((d, tuple(vols)) for d, vols in where.items())
+        stats.dirs_total = len(dirs)
+
+        # 2. every leaf directory and its keys, a unit of UNIT_DIRS at a time
+        units: set[Future] = {pool.submit(scanner.unit, dirs[i:i + UNIT_DIRS])
+                              for i in range(0, len(dirs), UNIT_DIRS)}
+        batch: list[Record] = []
+        while units:
+            finished, units = wait(units, timeout=show.interval, return_when=FIRST_COMPLETED)
+            for fut in finished:
+                out = fut.result()
+                report.add(out.problems)
+                stats.dirs_done += out.dirs
+                for rec in out.records:
+                    stats.keys += 1
+                    stats.replicas += len(rec.volumes)
+                    stats.bytes += rec.size
+                    stats.replica_bytes += rec.size * len(rec.volumes)
+                batch += out.records
+            if len(batch) >= BATCH_ROWS:
+                stats.sqlite_s += _insert(conn, batch)
+                batch = []
+            show.update(stats, started, report.total)
+        stats.scan_s = time.monotonic() - started
+        stats.sqlite_s += _insert(conn, batch)
+        show.update(stats, started, report.total, force=True)
+        show.end()
+
+        # 3. durable, then in place
+        for volume, why in sorted(scanner.dead.items()):
+            report.add([Problem(Kind.UNREACHABLE, volume, "", why)])
+        stats.volumes_scanned = sum(1 for v in cfg.volumes if scanner.alive(v))
+        t = time.monotonic()
+        finish_index(conn, tmp, db, {
+            "rebuilt_at": f"{time.time():.3f}",
+            "rebuild_volumes": ",".join(cfg.volumes),
+            "rebuild_partial": ",".join(sorted(scanner.dead)),
+        })
+        stats.sqlite_s += time.monotonic() - t
+        done = True
+    finally:
+        show.end()
+        pool.shutdown(wait=done, cancel_futures=True)
+        pipes.close()
+        if not done:
+            try:
+                conn.close()
+            except apsw.Error:
+                pass
+            remove_db_files(tmp)
+    stats.requests, stats.http_s = pipes.requests, pipes.http_s
+    stats.elapsed = time.monotonic() - started
+    return Result(stats, report, dict(scanner.dead), db)
+
+
+def _insert(conn: apsw.Connection, records: list[Record]) -> float:
+    """One transaction; sorted by key so the B-tree fills mostly at its right edge."""
+    if not records:
+        return 0.0
+    t = time.monotonic()
+    records.sort(key=lambda r: r.key.encode())
+    with conn:
+        index.write_records(conn, records)
+    return time.monotonic() - t
+
+
+def _extend(parser) -> None:
+    parser.add_argument("--concurrency", type=int, default=DEFAULT_CONCURRENCY,
+                        help="threads listing directories and reading sidecars in parallel")
+    parser.add_argument("--force", action="store_true",
+                        help="replace an existing non-empty index at --db")
+    parser.add_argument("--no-progress", action="store_true", help="no progress lines on stderr")
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg, ns = config_mod.load(
+        argv, prog=PROG,
+        description="Rebuild the mkv index from the volumes' blobs and .key sidecars. "
+                    "Exit 0 clean, 1 problems found or volumes unreachable (partial), 2 usage.",
+        extend=_extend)
+    if ns.concurrency < 1:
+        print(f"{PROG}: config: concurrency: must be at least 1", file=sys.stderr)
+        return 2
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _terminate)  # clean up the temporary file on kill
+    try:
+        result = rebuild(cfg, cfg.db, force=ns.force, concurrency=ns.concurrency,
+                         progress=not ns.no_progress)
+    except UsageError as exc:
+        print(f"{PROG}: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted; {cfg.db} left as it was", file=sys.stderr)
+        return 130
+    for line in summary(result):
+        print(line, file=sys.stderr)
+    return result.exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
