@@ -187,15 +187,10 @@ def validate(ns: configargparse.Namespace, *, need_volumes: bool = True) -> Conf
             problems.append(f"fallback: {exc}")
     if problems:
         raise ConfigError(problems)
-    return Config(
-        volumes=tuple(volumes), replicas=ns.replicas, db=ns.db, bind=ns.bind, port=ns.port,
-        workers=ns.workers, threads=ns.threads, writer_socket=ns.writer_socket,
-        max_key_bytes=ns.max_key_bytes, max_value_bytes=ns.max_value_bytes,
-        volume_timeout=ns.volume_timeout, client_timeout=ns.client_timeout, protect=ns.protect, fallback=ns.fallback, md5=ns.md5,
-        synchronous=synchronous, vnodes=ns.vnodes, health_interval=ns.health_interval,
-        health_timeout=ns.health_timeout, health_fail_count=ns.health_fail_count,
-        health_ok_count=ns.health_ok_count, log_level=ns.log_level.lower(),
-    )
+    derived = {"volumes": tuple(volumes), "synchronous": synchronous,
+               "log_level": ns.log_level.lower()}
+    return Config(**{f.name: derived.get(f.name, getattr(ns, f.name, None))
+                     for f in dataclasses.fields(Config)})
 
 
 def load(
