@@ -150,6 +150,69 @@ def cleanup_volumes(old: Record, new_volumes: Sequence[str]) -> list[str]:
     return [v for v in old.volumes if v not in new_volumes]
 
 
+# --- rebalance -------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Move:
+    """What one key needs to be where the ring wants it, with R good copies.
+
+    Order of work: copy to `copy_to` (from a `sources` copy), write sidecars to
+    `sidecar_to`, point the index at `desired`, and only then delete `drop`.
+    """
+
+    key: str
+    desired: tuple[str, ...]
+    sources: tuple[str, ...]
+    copy_to: tuple[str, ...]
+    sidecar_to: tuple[str, ...]
+    drop: tuple[str, ...]
+
+    @property
+    def lost(self) -> bool:
+        """No good copy anywhere: nothing can be repaired, nothing may be touched."""
+        return not self.sources
+
+    @property
+    def noop(self) -> bool:
+        return not (self.copy_to or self.sidecar_to or self.drop)
+
+
+def rebalance_plan(record: Record, desired: Sequence[str], good: set[str],
+                   sidecar_ok: set[str]) -> Move:
+    """Plan one key. `good`: recorded volumes whose blob checked out (size, md5 if
+    verified); `sidecar_ok`: those whose sidecar exists too."""
+    sources = tuple(v for v in record.volumes if v in good)
+    if not sources:
+        return Move(record.key, tuple(desired), (), (), (), ())
+    copy_to = tuple(v for v in desired if v not in good)
+    sidecar_to = tuple(v for v in desired if v in good and v not in sidecar_ok)
+    drop = tuple(v for v in record.volumes if v not in desired)
+    return Move(record.key, tuple(desired), sources, copy_to, sidecar_to, drop)
+
+
+class RateLimiter:
+    """Token bucket over bytes; `delay(n)` says how long to wait before sending n more.
+
+    Pure: the caller passes the clock, so it is tested without sleeping.
+    """
+
+    def __init__(self, rate: float, burst: float | None = None) -> None:
+        self.rate = rate
+        self.burst = burst if burst is not None else max(rate, 1 << 20)
+        self.tokens = self.burst
+        self.at: float | None = None
+
+    def delay(self, n: int, now: float) -> float:
+        if self.rate <= 0:
+            return 0.0
+        if self.at is not None:
+            self.tokens = min(self.burst, self.tokens + (now - self.at) * self.rate)
+        self.at = now
+        self.tokens -= n
+        return 0.0 if self.tokens >= 0 else -self.tokens / self.rate
+
+
 # --- requests --------------------------------------------------------------------------
 
 

@@ -177,6 +177,14 @@ class Reader:
             ).fetchall()
         return [_record(r) for r in rows]
 
+    def scan(self, after: str = "", limit: int = 1000) -> list[Record]:
+        """Records of every state in key order after `after`: the tools' walk."""
+        with self._lock:
+            rows = self.conn.execute(
+                f"SELECT {_COLUMNS} FROM keys WHERE key>? ORDER BY key LIMIT ?", (after, limit)
+            ).fetchall()
+        return [_record(r) for r in rows]
+
     def count(self) -> int:
         with self._lock:
             return self.conn.execute("SELECT count(*) FROM keys").fetchone()[0]

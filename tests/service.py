@@ -23,10 +23,11 @@ class MkvService:
     """`python -m mkv serve ...` started in its own session, stopped with its whole tree."""
 
     def __init__(self, workdir: Path, volumes: Sequence[str], *, replicas: int = 3,
-                 workers: int = 2, extra: Sequence[str] = (), env: dict | None = None) -> None:
+                 workers: int = 2, extra: Sequence[str] = (), env: dict | None = None,
+                 db: str | None = None) -> None:
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
-        self.db = str(self.workdir / "index.db")
+        self.db = db or str(self.workdir / "index.db")
         self.volumes = list(volumes)
         self.replicas = replicas
         self.workers = workers
@@ -58,9 +59,9 @@ class MkvService:
             if self.proc.poll() is not None:
                 raise ServiceStartError(f"mkv serve exited {self.proc.returncode}:\n{self.output()}")
             try:
-                requests.get(self.url + "/-/health", timeout=1)
+                requests.get(self.url + "/-/health", timeout=5)
                 return self
-            except requests.ConnectionError:
+            except requests.RequestException:
                 time.sleep(0.05)
         self.kill()
         raise ServiceStartError(f"mkv serve not ready in {timeout}s:\n{self.output()}")

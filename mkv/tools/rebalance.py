@@ -1,0 +1,387 @@
+"""mkv-rebalance: move blobs so every key lives where the ring says, with R good copies.
+
+Walks the index in key order. For each key it takes the key's lock from the
+writer (the running service's, or one it starts itself when the service is
+stopped), checks the recorded copies, and carries out the pure plan from
+`core.rebalance_plan`: copy to the volumes that lack a good copy (streamed
+volume to volume), point the index at every copy that exists, delete the
+unwanted copies, then point the index at exactly the ring's volumes. The index
+never names a copy that does not exist, and a copy is never deleted before the
+index stops needing it, so a kill at any moment leaves a state the next run
+finishes. Pending deletes are finished on the way.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import sys
+import threading
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+
+import configargparse
+
+from mkv import config as config_mod
+from mkv import core, index
+from mkv.config import Config
+from mkv.index import Record, State
+from mkv.keys import blob_path, sidecar_body, sidecar_path
+from mkv.ring import Ring
+from mkv.volume import FanOut, VolumeError, VolumePool
+from mkv.writer import KeyLocked, WriterClient, WriterError, WriterUnavailable, serve_in_thread
+
+CHUNK = 1 << 20
+PAGE = 500
+BUSY_RETRIES = 5
+
+
+class KeyProblem(Exception):
+    """This key could not be put in place; the message says why (reported, exit 1)."""
+
+
+@dataclasses.dataclass
+class Stats:
+    total: int = 0
+    examined: int = 0
+    moved: int = 0
+    copies: int = 0
+    sidecars: int = 0
+    deletions: int = 0
+    bytes: int = 0
+    cleaned: int = 0
+    problems: dict[str, str] = dataclasses.field(default_factory=dict)
+
+
+def add_arguments(p: configargparse.ArgumentParser) -> None:
+    p.add_argument("--dry-run", action="store_true", help="print the plan, change nothing")
+    p.add_argument("--concurrency", type=int, default=4, help="keys moved at once")
+    p.add_argument("--limit-rate", type=float, default=0,
+                   help="bytes per second copied, across all keys (0: unlimited)")
+    p.add_argument("--verify", action="store_true",
+                   help="check each source copy's md5, not only its size")
+
+
+class Rebalancer:
+    def __init__(self, cfg: Config, *, concurrency: int, limit_rate: float, verify: bool,
+                 out=sys.stderr) -> None:
+        self.cfg = cfg
+        self.ring = Ring(cfg.volumes, **({"vnodes": cfg.vnodes} if cfg.vnodes else {}))
+        self.reader = index.Reader(index.connect(cfg.db, synchronous=cfg.synchronous))
+        self.pool = VolumePool(cfg.volume_timeout, maxsize=concurrency * (cfg.replicas + 1))
+        self.concurrency = concurrency
+        self.executor = ThreadPoolExecutor(max_workers=concurrency * (cfg.replicas + 2),
+                                           thread_name_prefix="rebalance-io")
+        self.verify = verify
+        self.limiter = core.RateLimiter(limit_rate)
+        self._rate_lock = threading.Lock()
+        self._stats_lock = threading.Lock()
+        self._local = threading.local()
+        self.stats = Stats()
+        self.out = out
+
+    # --- plumbing ---
+
+    @property
+    def writer(self) -> WriterClient:
+        client = getattr(self._local, "writer", None)
+        if client is None:
+            client = self._local.writer = WriterClient(self.cfg.writer_socket,
+                                                       timeout=self.cfg.volume_timeout * 3)
+        return client
+
+    def count(self, **deltas: int) -> None:
+        with self._stats_lock:
+            for name, n in deltas.items():
+                setattr(self.stats, name, getattr(self.stats, name) + n)
+
+    def _throttle(self, n: int) -> None:
+        with self._rate_lock:
+            wait = self.limiter.delay(n, time.monotonic())
+        if wait > 0:
+            time.sleep(wait)
+
+    # --- checks ---
+
+    def _check(self, rec: Record) -> tuple[set[str], set[str]]:
+        """Which recorded copies are good (right size, right md5 with --verify), and
+        which of those have their sidecar."""
+        def one(vol: str) -> tuple[bool, bool]:
+            try:
+                if self.pool.size(vol, blob_path(rec.key)) != rec.size:
+                    return False, False
+                if self.verify and rec.md5 and self._md5_of(vol, rec.key) != rec.md5:
+                    return False, False
+                return True, self.pool.size(vol, sidecar_path(rec.key)) is not None
+            except VolumeError:
+                return False, False
+
+        results = list(self.executor.map(one, rec.volumes))
+        good = {v for v, (ok, _) in zip(rec.volumes, results, strict=True) if ok}
+        sidecar = {v for v, (_, ok) in zip(rec.volumes, results, strict=True) if ok}
+        return good, sidecar
+
+    def _md5_of(self, vol: str, key: str) -> str:
+        digest = hashlib.md5(usedforsecurity=False)
+        resp = self.pool.stream(vol, blob_path(key))
+        try:
+            for chunk in resp.stream(CHUNK):
+                digest.update(chunk)
+        finally:
+            resp.release_conn()
+        return digest.hexdigest()
+
+    # --- moves ---
+
+    def _copy(self, rec: Record, sources: tuple[str, ...], targets: tuple[str, ...]) -> None:
+        """Stream the blob from the first source that works to every target."""
+        errors = []
+        for src in sources:
+            digest = hashlib.md5(usedforsecurity=False)
+            fan = FanOut(self.pool, self.executor, list(targets), blob_path(rec.key), rec.size)
+            try:
+                resp = self.pool.stream(src, blob_path(rec.key))
+            except VolumeError as exc:
+                fan.abort()
+                errors.append(str(exc))
+                continue
+            try:
+                for chunk in resp.stream(CHUNK):
+                    self._throttle(len(chunk))
+                    digest.update(chunk)
+                    fan.send(chunk)
+                    if fan.failed.is_set():
+                        resp.close()  # unread bytes: the connection cannot be reused
+                        break
+            except Exception as exc:  # noqa: BLE001 - the source failed mid-read: next one
+                resp.close()
+                fan.abort()
+                errors.append(f"{src}: read failed: {exc}")
+                continue
+            finally:
+                resp.release_conn()
+            results = fan.finish()
+            failed = [r for r in results if r is not None]
+            if failed:
+                raise KeyProblem("copy failed: " + "; ".join(str(r) for r in failed))
+            if rec.md5 and digest.hexdigest() != rec.md5:
+                errors.append(f"{src}: md5 {digest.hexdigest()} != {rec.md5}")
+                continue  # the next source overwrites the bad copies
+            self.count(copies=len(targets), bytes=rec.size * len(targets))
+            return
+        raise KeyProblem("no source could be copied: " + "; ".join(errors))
+
+    def _sidecars(self, rec: Record, targets: tuple[str, ...]) -> None:
+        body = sidecar_body(rec.key, rec.size, rec.md5)
+        for vol in targets:
+            try:
+                self.pool.put(vol, sidecar_path(rec.key), body, len(body))
+            except VolumeError as exc:
+                raise KeyProblem(f"sidecar write failed: {exc}") from exc
+        self.count(sidecars=len(targets))
+
+    def _drop(self, key: str, volumes: tuple[str, ...]) -> list[str]:
+        """Delete copies (sidecar first); the volumes where it failed."""
+        failed = []
+        for vol in volumes:
+            try:
+                self.pool.delete(vol, sidecar_path(key))
+                self.pool.delete(vol, blob_path(key))
+                self.count(deletions=1)
+            except VolumeError:
+                failed.append(vol)
+        return failed
+
+    def _finish_delete(self, rec: Record) -> None:
+        left = tuple(self._drop(rec.key, rec.volumes))
+        if left:
+            self.writer.put(dataclasses.replace(rec, volumes=left), expect_volumes=rec.volumes)
+            raise KeyProblem(f"pending delete: could not remove copies on {', '.join(left)}")
+        self.writer.delete(rec.key)
+        self.count(cleaned=1)
+
+    def _move(self, rec: Record) -> None:
+        """One key, under its lock (taken by the caller)."""
+        desired = tuple(self.ring.place(rec.key, self.cfg.replicas))
+        good, sidecar_ok = self._check(rec)
+        move = core.rebalance_plan(rec, desired, good, sidecar_ok)
+        if move.lost:
+            raise KeyProblem("no good copy on any recorded volume")
+        if move.noop and rec.volumes == desired:
+            self.writer.unlock(rec.key)
+            return
+        if move.copy_to:
+            self._copy(rec, move.sources, move.copy_to)
+        if move.copy_to or move.sidecar_to:
+            self._sidecars(rec, move.copy_to + move.sidecar_to)
+        # the index names every copy that exists, then loses the unwanted ones
+        interim = desired + move.drop
+        if interim != rec.volumes:
+            self.writer.put(dataclasses.replace(rec, volumes=interim), expect_volumes=rec.volumes,
+                            keep_lock=True)
+        if move.drop:
+            failed = self._drop(rec.key, move.drop)
+            if failed:
+                self.writer.unlock(rec.key)
+                raise KeyProblem(f"could not delete the old copies on {', '.join(failed)}")
+            self.writer.put(dataclasses.replace(rec, volumes=desired), expect_volumes=interim)
+        else:
+            self.writer.unlock(rec.key)
+        self.count(moved=1)
+
+    def process(self, key: str) -> bool:
+        """Put one key in place. False when its lock is busy (try again later)."""
+        try:
+            current = self.writer.lock(key, retry=True)
+        except KeyLocked:
+            return False
+        except WriterError as exc:
+            with self._stats_lock:
+                self.stats.problems[key] = f"writer: {exc}"
+            return True
+        try:
+            if current is None:
+                self.writer.unlock(key)
+            elif current.state is State.DELETING:
+                self._finish_delete(current)
+            else:
+                self._move(current)
+        except (KeyProblem, WriterError, VolumeError) as exc:
+            with self._stats_lock:
+                self.stats.problems[key] = str(exc)
+            try:
+                self.writer.unlock(key)
+            except WriterError:
+                self.writer.close()
+        return True
+
+    # --- the walk ---
+
+    def run(self) -> Stats:
+        self.stats.total = self.reader.count()
+        busy: list[str] = []
+        stop = threading.Event()
+        progress = threading.Thread(target=self._progress, args=(stop,), daemon=True)
+        progress.start()
+        started = time.monotonic()
+        try:
+            with ThreadPoolExecutor(self.concurrency, thread_name_prefix="rebalance") as keys_pool:
+                after = ""
+                while True:
+                    page = self.reader.scan(after, PAGE)
+                    if not page:
+                        break
+                    after = page[-1].key
+                    for key, done in zip((r.key for r in page),
+                                         keys_pool.map(self.process, [r.key for r in page]),
+                                         strict=True):
+                        self.count(examined=1)
+                        if not done:
+                            busy.append(key)
+            for attempt in range(BUSY_RETRIES):
+                if not busy:
+                    break
+                time.sleep(0.2 * (attempt + 1))
+                busy = [k for k in busy if not self.process(k)]
+            for key in busy:
+                self.stats.problems[key] = "in use by a client write the whole time (locked)"
+        finally:
+            stop.set()
+            progress.join()
+        self._line(time.monotonic() - started, final=True)
+        return self.stats
+
+    def _line(self, elapsed: float, final: bool = False) -> None:
+        s = self.stats
+        rate = s.examined / elapsed if elapsed > 0 else 0.0
+        eta = (s.total - s.examined) / rate if rate > 0 else 0.0
+        print(f"mkv-rebalance: {'done' if final else 'progress'}: examined {s.examined}/{s.total}, "
+              f"moved {s.moved}, copies {s.copies}, sidecars {s.sidecars}, deletions {s.deletions}, "
+              f"pending deletes finished {s.cleaned}, {s.bytes / 1e6:.1f} MB, "
+              f"errors {len(s.problems)}, {rate:.0f} keys/s"
+              + ("" if final else f", ETA {eta:.0f}s")
+              + (f", {elapsed:.1f}s" if final else ""), file=self.out, flush=True)
+
+    def _progress(self, stop: threading.Event) -> None:
+        started = time.monotonic()
+        while not stop.wait(1.0):
+            self._line(time.monotonic() - started)
+
+
+def dry_run(cfg: Config, out=sys.stdout) -> Counter:
+    """The plan from the index alone (copies assumed good): nothing is contacted or changed."""
+    ring = Ring(cfg.volumes, **({"vnodes": cfg.vnodes} if cfg.vnodes else {}))
+    reader = index.Reader(index.connect(cfg.db, synchronous=cfg.synchronous))
+    plan: Counter = Counter()
+    after = ""
+    while page := reader.scan(after, PAGE):
+        after = page[-1].key
+        for rec in page:
+            plan["keys"] += 1
+            if rec.state is State.DELETING:
+                plan["pending_deletes"] += 1
+                plan["deletions"] += len(rec.volumes)
+                continue
+            desired = ring.place(rec.key, cfg.replicas)
+            have = set(rec.volumes)
+            move = core.rebalance_plan(rec, desired, have, have)
+            if move.noop and tuple(rec.volumes) == tuple(desired):
+                continue
+            plan["keys_to_move"] += 1
+            plan["copies"] += len(move.copy_to)
+            plan["deletions"] += len(move.drop)
+            plan["bytes"] += rec.size * len(move.copy_to)
+    print(f"mkv-rebalance: dry run: {plan['keys']} keys, {plan['keys_to_move']} to move, "
+          f"{plan['copies']} copies ({plan['bytes'] / 1e6:.1f} MB), {plan['deletions']} deletions, "
+          f"{plan['pending_deletes']} pending deletes; nothing changed", file=out)
+    return plan
+
+
+def _writer_running(socket_path: str) -> bool:
+    try:
+        WriterClient(socket_path, timeout=2, retry_for=0).ping()
+        return True
+    except WriterUnavailable:
+        return False
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg, ns = config_mod.load(argv, prog="mkv-rebalance",
+                              description="Move blobs to match the configured volumes.",
+                              extend=add_arguments)
+    if ns.concurrency < 1 or ns.limit_rate < 0:
+        print("mkv-rebalance: --concurrency must be >= 1 and --limit-rate >= 0", file=sys.stderr)
+        return 2
+    try:
+        index.Reader(index.connect(cfg.db)).count()
+    except Exception as exc:  # noqa: BLE001 - any reason the index cannot be read
+        print(f"mkv-rebalance: cannot read the index {cfg.db}: {exc}", file=sys.stderr)
+        return 2
+    if ns.dry_run:
+        dry_run(cfg)
+        return 0
+    own_writer = None
+    if not _writer_running(cfg.writer_socket):
+        # the service is stopped: run a writer here, which also keeps a service from
+        # starting on this index until the rebalance is over
+        own_writer = serve_in_thread(cfg.db, cfg.writer_socket)
+    try:
+        stats = Rebalancer(cfg, concurrency=ns.concurrency, limit_rate=ns.limit_rate,
+                           verify=ns.verify).run()
+    finally:
+        if own_writer is not None:
+            server, thread = own_writer
+            server.stopping = True
+            thread.join(10)
+    if stats.problems:
+        print(f"mkv-rebalance: {len(stats.problems)} keys could not be put in place:",
+              file=sys.stderr)
+        for key, why in sorted(stats.problems.items()):
+            print(f"  {key!r}: {why}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,335 @@
+"""mkv-rebalance against real nginx volumes, offline and under a live `mkv serve`."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from urllib.parse import quote
+
+import apsw
+import pytest
+import requests
+
+from mkv.core import RateLimiter, rebalance_plan
+from mkv.index import Record, State
+from mkv.keys import blob_path, key_hash, sidecar_path
+from mkv.ring import Ring
+from tests.cluster import NginxVolume
+from tests.service import MkvService
+
+HEX64 = re.compile(r"^[0-9a-f]{64}$")
+
+
+# --- pure parts ---
+
+
+def test_plan_copies_missing_drops_unwanted_and_never_touches_lost_keys():
+    rec = Record("/k", State.LIVE, ("a:1", "b:2", "c:3"), 5, "m", 0.0)
+    move = rebalance_plan(rec, ("a:1", "d:4", "b:2"), {"a:1", "b:2", "c:3"}, {"a:1", "c:3"})
+    assert move.copy_to == ("d:4",) and move.sidecar_to == ("b:2",) and move.drop == ("c:3",)
+    assert move.sources == ("a:1", "b:2", "c:3")
+    repair = rebalance_plan(rec, ("a:1", "b:2", "c:3"), {"a:1", "c:3"}, {"a:1", "c:3"})
+    assert repair.copy_to == ("b:2",) and repair.drop == () and repair.sources == ("a:1", "c:3")
+    lost = rebalance_plan(rec, ("a:1", "b:2", "c:3"), set(), set())
+    assert lost.lost and lost.noop
+    assert rebalance_plan(rec, rec.volumes, set(rec.volumes), set(rec.volumes)).noop
+
+
+def test_rate_limiter():
+    lim = RateLimiter(1000, burst=1000)
+    assert lim.delay(1000, 0.0) == 0.0
+    assert lim.delay(500, 0.0) == pytest.approx(0.5)
+    assert lim.delay(0, 1.0) == 0.0  # refilled
+    assert RateLimiter(0).delay(10**9, 0.0) == 0.0
+
+
+# --- helpers ---
+
+
+def value(key: str) -> bytes:
+    seed = hashlib.sha256(key.encode()).digest()
+    n = 100 + seed[0] * 8
+    return (seed * (n // 32 + 1))[:n]
+
+
+def load(svc: MkvService, keys: list[str], body=value) -> None:
+    def one(k: str) -> None:
+        r = requests.put(svc.url + quote(k), data=body(k), timeout=30)
+        assert r.status_code == 201, (k, r.status_code, r.text)
+
+    with ThreadPoolExecutor(16) as pool:
+        list(pool.map(one, keys))
+
+
+def records(db: str) -> dict[str, Record]:
+    conn = apsw.Connection(db, flags=apsw.SQLITE_OPEN_READONLY)
+    try:
+        rows = conn.execute("SELECT key, state, volumes, size, md5, mtime FROM keys").fetchall()
+    finally:
+        conn.close()
+    return {r[0]: Record(r[0], State(r[1]), tuple(r[2].split(",")), r[3], r[4], r[5]) for r in rows}
+
+
+def on_disk(vols: list[NginxVolume]) -> set[tuple[str, str]]:
+    """(volume, file name) of every blob and sidecar on every volume's disk."""
+    found = set()
+    for v in vols:
+        for path in v.root.glob("[0-9a-f][0-9a-f]/[0-9a-f][0-9a-f]/*"):
+            found.add((v.address, path.name))
+    return found
+
+
+def expected_files(recs: dict[str, Record]) -> set[tuple[str, str]]:
+    out = set()
+    for rec in recs.values():
+        for vol in rec.volumes:
+            h = key_hash(rec.key)
+            out |= {(vol, h), (vol, h + ".key")}
+    return out
+
+
+def rebalance(svc_or_db, volumes: list[NginxVolume], *extra: str, replicas: int = 3,
+              timeout: float = 120) -> subprocess.CompletedProcess:
+    db = svc_or_db.db if isinstance(svc_or_db, MkvService) else svc_or_db
+    return subprocess.run(
+        [sys.executable, "-m", "mkv.tools.rebalance", "--volumes",
+         ",".join(v.address for v in volumes), "--db", db, "--replicas", str(replicas), *extra],
+        capture_output=True, text=True, timeout=timeout)
+
+
+def summary(stderr: str) -> dict[str, int]:
+    line = [ln for ln in stderr.splitlines() if "done:" in ln][-1]
+    return {name: int(n) for name, n in re.findall(r"(moved|copies|sidecars|deletions) (\d+)", line)}
+
+
+def assert_clean(db: str, vols: list[NginxVolume], ring_vols: list[NginxVolume], replicas: int):
+    recs = records(db)
+    ring = Ring([v.address for v in ring_vols])
+    for rec in recs.values():
+        assert rec.volumes == tuple(ring.place(rec.key, replicas)), rec.key
+    assert on_disk(vols) == expected_files(recs)
+    return recs
+
+
+def read_all(svc: MkvService, keys, body=value) -> None:
+    def one(k: str) -> None:
+        r = requests.get(svc.url + quote(k), timeout=30)
+        assert r.status_code == 200 and r.content == body(k), k
+
+    with ThreadPoolExecutor(16) as pool:
+        list(pool.map(one, keys))
+
+
+KEYS = [f"/reb/{i:04d}" for i in range(950)] + [f"/ü/ключ {i}/x%y" for i in range(50)]
+
+
+@pytest.fixture
+def four(make_volumes):
+    return make_volumes(4)
+
+
+# --- scenarios ---
+
+
+def test_add_a_fourth_volume(four, make_service, tmp_path):
+    svc = make_service(four[:3], replicas=3)
+    load(svc, KEYS)
+    svc.stop()
+
+    r = rebalance(svc, four)
+    assert r.returncode == 0, r.stderr
+    s = summary(r.stderr)
+    # each key needs the new volume with probability 3/4: a quarter of all copies move
+    assert 0.2 < s["copies"] / (len(KEYS) * 3) < 0.3, s
+    assert s["deletions"] == s["copies"] and s["moved"] == s["copies"]
+    assert_clean(svc.db, four, four, 3)
+
+    svc4 = MkvService(tmp_path / "svc4", [v.address for v in four], replicas=3, db=svc.db).start()
+    try:
+        read_all(svc4, KEYS)
+        head = requests.head(svc4.url + "/reb/0001", allow_redirects=False)
+        assert head.headers["Key-Balance"] == "balanced"
+    finally:
+        svc4.stop()
+
+    again = rebalance(svc, four)
+    assert again.returncode == 0 and summary(again.stderr) == {
+        "moved": 0, "copies": 0, "sidecars": 0, "deletions": 0}
+
+
+def test_drain_a_volume(four, make_service, tmp_path):
+    svc = make_service(four, replicas=2)
+    keys = KEYS[:300]
+    load(svc, keys)
+    svc.stop()
+    r = rebalance(svc, four[:3], replicas=2)
+    assert r.returncode == 0, r.stderr
+    recs = assert_clean(svc.db, four, four[:3], 2)
+    assert not any(four[3].address in rec.volumes for rec in recs.values())
+    assert not list(four[3].root.glob("[0-9a-f][0-9a-f]/[0-9a-f][0-9a-f]/*"))
+
+
+def test_repairs_lost_replicas_and_reports_lost_keys(volumes, make_service):
+    svc = make_service(volumes, replicas=3)
+    keys = KEYS[:60]
+    load(svc, keys)
+    svc.stop()
+    victim, sidecar_only, lost = keys[0], keys[1], keys[2]
+    v0 = volumes[0]
+    (v0.root / blob_path(victim)[1:]).unlink()
+    (v0.root / sidecar_path(victim)[1:]).unlink()
+    (volumes[1].root / sidecar_path(sidecar_only)[1:]).unlink()
+    for v in volumes:
+        (v.root / blob_path(lost)[1:]).unlink()
+    before = records(svc.db)[lost]
+
+    r = rebalance(svc, volumes)
+    assert r.returncode == 1
+    assert repr(lost) in r.stderr and "no good copy" in r.stderr
+    s = summary(r.stderr)
+    assert s["copies"] == 1 and s["sidecars"] == 2
+    assert (v0.root / blob_path(victim)[1:]).read_bytes() == value(victim)
+    assert (volumes[1].root / sidecar_path(sidecar_only)[1:]).exists()
+    assert records(svc.db)[lost] == before  # reported, not touched
+
+
+def test_dry_run_changes_nothing(four, make_service):
+    svc = make_service(four[:3], replicas=3)
+    load(svc, KEYS[:200])
+    svc.stop()
+    disk = on_disk(four)
+    recs = records(svc.db)
+    r = subprocess.run([sys.executable, "-m", "mkv.tools.rebalance", "--dry-run", "--volumes",
+                        ",".join(v.address for v in four), "--db", svc.db],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    m = re.search(r"(\d+) keys, (\d+) to move, (\d+) copies", r.stdout)
+    assert m and int(m.group(1)) == 200 and 100 < int(m.group(2)) < 200
+    assert on_disk(four) == disk and records(svc.db) == recs
+
+
+def test_rebalance_under_live_load_loses_nothing_and_resurrects_nothing(four, make_service,
+                                                                         tmp_path):
+    svc3 = make_service(four[:3], replicas=3)
+    base = KEYS[:400]
+    load(svc3, base)
+    svc3.stop()
+    # the same index, served with the new volume set
+    svc = MkvService(tmp_path / "live", [v.address for v in four], replicas=3, db=svc3.db).start()
+    believed: dict[str, bytes | None] = {k: value(k) for k in base}
+    lock = threading.Lock()
+    stop = threading.Event()
+
+    def client(seed: int) -> None:
+        rnd = random.Random(seed)
+        n = 0
+        while not stop.is_set():
+            with lock:
+                existing = [k for k, v in believed.items() if v is not None]
+            op = rnd.random()
+            if op < 0.4:
+                k, body = f"/live/{seed}/{n}", os.urandom(rnd.randint(50, 3000))
+                n += 1
+                r = requests.put(svc.url + quote(k), data=body, timeout=30)
+                if r.status_code == 201:
+                    with lock:
+                        believed[k] = body
+            elif op < 0.6 and existing:
+                k = rnd.choice(existing)
+                r = requests.delete(svc.url + quote(k), timeout=30)
+                if r.status_code == 204:
+                    with lock:
+                        believed[k] = None
+            elif existing:
+                k = rnd.choice(existing)
+                requests.get(svc.url + quote(k), timeout=30)
+
+    try:
+        with ThreadPoolExecutor(6) as pool:
+            futures = [pool.submit(client, s) for s in range(6)]
+            time.sleep(0.5)
+            r = rebalance(svc, four)
+            time.sleep(0.5)
+            stop.set()
+            for f in futures:
+                f.result()
+        assert r.returncode == 0, r.stderr
+        for k, body in believed.items():
+            got = requests.get(svc.url + quote(k), timeout=30)
+            if body is None:
+                assert got.status_code == 404, k
+            else:
+                assert got.status_code == 200 and got.content == body, k
+        assert any(v is None for v in believed.values()) and len(believed) > 450
+    finally:
+        svc.stop()
+    # with the load stopped, a last pass leaves everything in place and nothing orphaned
+    assert rebalance(svc, four).returncode == 0
+    recs = assert_clean(svc.db, four, four, 3)
+    assert {k for k, v in believed.items() if v is not None} == {
+        k for k, rec in recs.items() if rec.state is State.LIVE}
+
+
+def test_killed_midway_then_run_again_ends_clean(four, make_service, tmp_path):
+    svc = make_service(four[:3], replicas=3)
+    big = lambda k: value(k) * 200  # noqa: E731 - ~100-400 KB each
+    keys = KEYS[:150]
+    load(svc, keys, body=big)
+    svc.stop()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mkv.tools.rebalance", "--volumes",
+         ",".join(v.address for v in four), "--db", svc.db, "--limit-rate", "4000000"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    time.sleep(2.5)
+    assert proc.poll() is None, "finished before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    halfway = records(svc.db)
+    ring = Ring([v.address for v in four])
+    assert 0 < sum(rec.volumes == tuple(ring.place(k, 3)) for k, rec in halfway.items()) < len(keys)
+
+    r = rebalance(svc, four)
+    assert r.returncode == 0, r.stderr
+    assert_clean(svc.db, four, four, 3)
+    svc4 = MkvService(tmp_path / "after-kill", [v.address for v in four], replicas=3,
+                      db=svc.db).start()
+    try:
+        read_all(svc4, keys, body=big)
+    finally:
+        svc4.stop()
+
+
+def test_pending_deletes_are_finished(volumes, make_service):
+    svc = make_service(volumes, replicas=3,
+                       extra=["--health-interval", "0.2", "--health-timeout", "0.3",
+                              "--volume-timeout", "1"])
+    load(svc, KEYS[:20])
+    volumes[2].kill()
+    time.sleep(1.5)
+    assert requests.delete(svc.url + quote(KEYS[0])).status_code == 204
+    svc.stop()
+    volumes[2].restart()
+    assert records(svc.db)[KEYS[0]].state is State.DELETING
+    r = rebalance(svc, volumes)
+    assert r.returncode == 0, r.stderr
+    assert KEYS[0] not in records(svc.db)
+    assert not (volumes[2].root / blob_path(KEYS[0])[1:]).exists()
+
+
+def test_usage_errors_exit_2(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "mkv.tools.rebalance", "--volumes", "a:1",
+                        "--replicas", "1", "--db", str(tmp_path / "missing.db")],
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode == 2 and "cannot read the index" in r.stderr
+    r = subprocess.run([sys.executable, "-m", "mkv.tools.rebalance", "--bogus"],
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode == 2
