@@ -67,29 +67,36 @@ def drive(sock: str, writers: int, seconds: float, tag: str) -> dict:
             "keys_per_commit": total / commits if commits else 0.0}
 
 
+def measure(writers: int, seconds: float, synchronous: str = "NORMAL") -> dict:
+    """Start a writer on a temporary index; drive it with 1 writer, then with `writers`."""
+    with tempfile.TemporaryDirectory(prefix="mkv-bench-writer-") as d:
+        db, sock = str(Path(d) / "i.db"), str(Path(d) / "w.sock")
+        proc = subprocess.Popen([sys.executable, "-m", "mkv.writer", "--db", db, "--socket", sock,
+                                 "--synchronous", synchronous, "--log-level", "warning"])
+        try:
+            wait_ready(sock)
+            base = drive(sock, 1, seconds, "base")
+            conc = drive(sock, writers, seconds, "conc")
+        finally:
+            proc.terminate()
+            proc.wait()
+    return {"synchronous": synchronous, "baseline": base, "concurrent": conc}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--writers", type=int, default=32)
     p.add_argument("--seconds", type=float, default=5.0)
     p.add_argument("--synchronous", default="NORMAL")
     args = p.parse_args()
-    with tempfile.TemporaryDirectory(prefix="mkv-bench-writer-") as d:
-        db, sock = str(Path(d) / "i.db"), str(Path(d) / "w.sock")
-        proc = subprocess.Popen([sys.executable, "-m", "mkv.writer", "--db", db, "--socket", sock,
-                                 "--synchronous", args.synchronous, "--log-level", "warning"])
-        try:
-            wait_ready(sock)
-            base = drive(sock, 1, args.seconds, "base")
-            conc = drive(sock, args.writers, args.seconds, "conc")
-        finally:
-            proc.terminate()
-            proc.wait()
+    result = measure(args.writers, args.seconds, args.synchronous)
+    base, conc = result["baseline"], result["concurrent"]
     for name, r in (("1 writer", base), (f"{args.writers} writers", conc)):
         print(f"{name:>11}: {r['writes_per_s']:8.0f} writes/s  {r['commits_per_s']:7.0f} commits/s  "
               f"{r['keys_per_commit']:5.1f} keys/commit")
     print(f"throughput ratio {args.writers} writers / 1 writer: "
           f"{conc['writes_per_s'] / base['writes_per_s']:.2f}")
-    print(json.dumps({"synchronous": args.synchronous, "baseline": base, "concurrent": conc}))
+    print(json.dumps(result))
 
 
 if __name__ == "__main__":

@@ -239,6 +239,9 @@ class Store:
             bad = {e.volume for e in errors}
             done += [v for v in todo if v not in bad]
             if not errors:
+                stray = [v for v in done if v not in volumes]  # placement moved meanwhile
+                if stray:
+                    self._remove(key, stray)
                 return volumes, md5
             try:
                 volumes = self._place(key)  # the failed ones now count as down
