@@ -72,3 +72,13 @@ def test_mkv_without_command_or_with_unknown_one_exits_2():
     assert subprocess.run([sys.executable, "-m", "mkv"], capture_output=True).returncode == 2
     r = subprocess.run([sys.executable, "-m", "mkv", "frobnicate"], capture_output=True, text=True)
     assert r.returncode == 2 and "unknown command" in r.stderr
+
+
+def test_bin_launchers_run_the_commands_from_the_checkout():
+    r = subprocess.run(["bin/mkv", "--help"], capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0 and "serve" in r.stdout and "volume" in r.stdout
+    for tool in ("bin/mkv-rebuild", "bin/mkv-rebalance"):
+        r = subprocess.run([tool, "--help"], capture_output=True, text=True, timeout=30)
+        assert r.returncode == 0 and "--volumes" in r.stdout, tool
+        assert subprocess.run([tool, "--no-such-flag"], capture_output=True,
+                              timeout=30).returncode == 2
