@@ -41,6 +41,7 @@ class Kind(enum.Enum):
     CORRUPT_SIDECAR = "corrupt sidecar JSON"
     WRONG_HASH = "sidecar key does not hash to its file name"
     SIZE_MISMATCH = "blob size differs from its sidecar"
+    CONFLICT = "sidecar disagrees with the other replicas' sidecar"
     UNREADABLE = "could not read (vanished or error status)"
     STRAY = "unexpected name in the fan-out tree"
     UNDER_REPLICATED = "key has fewer replicas than --replicas"
@@ -70,7 +71,7 @@ class Leaf:
     """One leaf directory ("ab/cd") of one volume."""
 
     blobs: dict[str, tuple[int, str]]  # hash -> (size, mtime as nginx prints it)
-    sidecars: set[str]
+    sidecars: dict[str, int]  # hash -> size of the sidecar file
     strays: list[str]
 
 
@@ -82,7 +83,7 @@ def parse_leaf(dirpath: str, entries: Iterable[Mapping]) -> Leaf:
     """
     start = dirpath[0:2] + dirpath[3:5]
     blobs: dict[str, tuple[int, str]] = {}
-    sidecars: set[str] = set()
+    sidecars: dict[str, int] = {}
     strays: list[str] = []
     hexset = _HEXSET
     for e in entries:
@@ -93,7 +94,7 @@ def parse_leaf(dirpath: str, entries: Iterable[Mapping]) -> Leaf:
                 or not hexset.issuperset(h)):
             strays.append(name)
         elif sidecar:
-            sidecars.add(h)
+            sidecars[h] = e.get("size", 0)
         else:
             blobs[h] = (e.get("size", 0), e.get("mtime", ""))
     return Leaf(blobs, sidecars, strays)
@@ -105,7 +106,8 @@ class Candidate:
 
     hash: str
     dirpath: str  # "ab/cd"
-    replicas: list[tuple[str, int, str]]  # (volume, blob size, blob mtime), listing order
+    # (volume, blob size, blob mtime, sidecar size), in listing order
+    replicas: list[tuple[str, int, str, int]]
 
     @property
     def blob_path(self) -> str:
@@ -124,22 +126,23 @@ def merge_dir(dirpath: str, leaves: Mapping[str, Leaf]) -> tuple[list[Candidate]
     its bytes. Either is reported for that volume and left out.
     """
     problems: list[Problem] = []
-    found: dict[str, list[tuple[str, int, str]]] = {}
+    found: dict[str, list[tuple[str, int, str, int]]] = {}
     for volume, leaf in leaves.items():
         blobs, sidecars = leaf.blobs, leaf.sidecars
         for name in leaf.strays:
             problems.append(Problem(Kind.STRAY, volume, f"/{dirpath}/{name}"))
         for h, (size, mtime) in blobs.items():
-            if h in sidecars:
+            sidecar_size = sidecars.get(h)
+            if sidecar_size is not None:
                 replicas = found.get(h)
                 if replicas is None:
-                    found[h] = [(volume, size, mtime)]
+                    found[h] = [(volume, size, mtime, sidecar_size)]
                 else:
-                    replicas.append((volume, size, mtime))
+                    replicas.append((volume, size, mtime, sidecar_size))
             else:
                 problems.append(Problem(Kind.BLOB_WITHOUT_SIDECAR, volume, f"/{dirpath}/{h}",
                                         f"{size} bytes"))
-        for h in sorted(sidecars.difference(blobs)):
+        for h in sorted(sidecars.keys() - blobs.keys()):
             problems.append(Problem(Kind.SIDECAR_WITHOUT_BLOB, volume,
                                     f"/{dirpath}/{h}{SIDECAR_SUFFIX}"))
     return [Candidate(h, dirpath, r) for h, r in found.items()], problems
@@ -211,19 +214,21 @@ def ring_order(ring: Ring, key: str, held: Sequence[str]) -> tuple[str, ...]:
 
 
 class KeyResolver:
-    """Decide one candidate, reading as few sidecars as possible (one, unless one is bad).
+    """Decide one candidate, reading as few sidecars as possible: one in the usual case.
 
     Call `next_read()` for the volume whose sidecar to read (None: decided), `feed()` the
     bytes read (or a `(Kind, detail)` if the read failed), repeat; then `record()`.
 
-    The replicas whose blob size is the most common go first, so in the usual case the one
-    sidecar read agrees with the majority. The first sidecar that decodes and hashes right
-    decides key, size and md5; each replica whose blob has another size is reported as a
-    size mismatch and left out. A replica whose sidecar could not be read or is bad is
-    reported and left out, and the next replica's sidecar is read instead.
+    The replicas are tried most common (blob size, sidecar size) first, so the one read
+    usually agrees with the majority. The first sidecar that decodes and hashes right decides
+    key, size and md5. A replica whose sidecar could not be read or is bad is reported and
+    left out, and the next one is read instead. Replicas whose sidecar file has another
+    length than the one decided are read too (free to spot in the listing) and left out
+    unless they say the same. Then each replica whose blob size differs from the sidecar's
+    is a size mismatch, reported and left out.
     """
 
-    __slots__ = ("cand", "queue", "sidecar", "bad", "problems")
+    __slots__ = ("cand", "queue", "verify", "sidecar", "bad", "problems")
 
     def __init__(self, cand: Candidate) -> None:
         self.cand = cand
@@ -232,36 +237,50 @@ class KeyResolver:
             # Spread the reads over the volumes: start at a hash-chosen replica.
             shift = int(cand.hash[4:8], 16) % len(reps)
             reps = reps[shift:] + reps[:shift]
-            sizes = [r[1] for r in reps]
-            if min(sizes) != max(sizes):
-                best = max(sizes, key=sizes.count)  # first of the most common, in read order
-                reps = [r for r in reps if r[1] == best] + [r for r in reps if r[1] != best]
+            shapes = [(r[1], r[3]) for r in reps]
+            if shapes.count(shapes[0]) != len(shapes):
+                best = max(shapes, key=shapes.count)  # first of the most common, in read order
+                reps = [r for r in reps if (r[1], r[3]) == best] + \
+                       [r for r in reps if (r[1], r[3]) != best]
         self.queue: list[str] = [r[0] for r in reps]
+        self.verify: list[str] | None = None  # replicas to read after the deciding one
         self.sidecar: Sidecar | None = None
         self.bad: set[str] = set()
         self.problems: list[Problem] = []
 
     def next_read(self) -> str | None:
-        if self.sidecar is not None or not self.queue:
-            return None
-        return self.queue[0]
-
-    def feed(self, volume: str, outcome: bytes | tuple[Kind, str]) -> None:
-        self.queue.remove(volume)
-        if isinstance(outcome, tuple):
-            decoded: Sidecar | tuple[Kind, str] = outcome
-        else:
-            decoded = decode_sidecar(self.cand.hash, outcome)
-        if isinstance(decoded, Sidecar):
-            self.sidecar = decoded
-        else:
-            kind, detail = decoded
-            self.bad.add(volume)
-            self.problems.append(Problem(kind, volume, self.cand.sidecar_path, detail))
+        if self.sidecar is None:
+            return self.queue[0] if self.queue else None
+        return self.verify[0] if self.verify else None
 
     @property
     def done(self) -> bool:
-        return self.sidecar is not None or not self.queue
+        return self.next_read() is None
+
+    def _bad(self, volume: str, kind: Kind, detail: str) -> None:
+        self.bad.add(volume)
+        self.problems.append(Problem(kind, volume, self.cand.sidecar_path, detail))
+
+    def feed(self, volume: str, outcome: bytes | tuple[Kind, str]) -> None:
+        decoded = outcome if isinstance(outcome, tuple) else decode_sidecar(self.cand.hash, outcome)
+        if self.sidecar is None:
+            self.queue.remove(volume)
+            if isinstance(decoded, Sidecar):
+                self.sidecar = decoded
+                length = len(outcome)  # type: ignore[arg-type]
+                self.verify = [r[0] for r in self.cand.replicas
+                               if r[3] != length and r[0] in self.queue]
+            else:
+                self._bad(volume, *decoded)
+            return
+        assert self.verify is not None
+        self.verify.remove(volume)
+        if not isinstance(decoded, Sidecar):
+            self._bad(volume, *decoded)
+        elif decoded != self.sidecar:
+            self._bad(volume, Kind.CONFLICT,
+                      f"size {decoded.size} md5 {decoded.md5!r}, the others say "
+                      f"size {self.sidecar.size} md5 {self.sidecar.md5!r}")
 
     def record(self, ring: Ring) -> Record | None:
         """The key's record (None if no replica survived); adds size mismatches to problems."""
@@ -270,7 +289,7 @@ class KeyResolver:
             return None
         held: list[str] = []
         mtime = 0.0
-        for volume, size, blob_mtime in self.cand.replicas:
+        for volume, size, blob_mtime, _ in self.cand.replicas:
             if volume in self.bad:
                 continue
             if size != sc.size:

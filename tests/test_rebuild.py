@@ -1,0 +1,645 @@
+"""mkv-rebuild: the pure merge/classification core, the pipelining client, and the CLI end to
+end against real nginx volumes and a real `mkv serve`.
+
+End-to-end tests run `python -m mkv.tools.rebuild` as a subprocess, the way an operator does,
+and check the exit code, the summary on stderr and the index it wrote (opened with apsw).
+Data is either PUT through the service (the equivalence test) or planted straight onto the
+volumes' disks (inconsistencies, a dead volume), which is faster and lets a test write what
+the service never would.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from urllib.parse import quote
+
+import apsw
+import pytest
+import requests
+
+from mkv import index, scan
+from mkv.config import Config
+from mkv.index import Record, State
+from mkv.keys import key_hash, sidecar_body
+from mkv.ring import Ring
+from mkv.scan import Candidate, KeyResolver, Kind, Leaf
+from mkv.tools import rebuild
+from mkv.volume import VolumeUnreachable
+from tests.cluster import NginxVolume, free_port
+from tests.service import MkvService
+
+REPO = Path(__file__).resolve().parent.parent
+TIMEOUT = 30
+
+
+# --- helpers ---------------------------------------------------------------------------------
+
+
+def md5(data: bytes) -> str:
+    return hashlib.md5(data).hexdigest()
+
+
+def leaf_dir(vol: NginxVolume, key: str) -> Path:
+    h = key_hash(key)
+    d = vol.root / h[0:2] / h[2:4]
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+def plant(vol: NginxVolume, key: str, data: bytes, *, blob: bytes | None = None,
+          sidecar: bytes | None = None, with_blob: bool = True, with_sidecar: bool = True) -> None:
+    """Write a replica onto a volume's disk as the service would (or, given overrides, not)."""
+    d, h = leaf_dir(vol, key), key_hash(key)
+    if with_blob:
+        (d / h).write_bytes(data if blob is None else blob)
+    if with_sidecar:
+        (d / f"{h}.key").write_bytes(
+            sidecar_body(key, len(data), md5(data)) if sidecar is None else sidecar)
+
+
+def run_cli(volumes: list[NginxVolume] | list[str], db: str | Path, *args: str,
+            replicas: int = 3, timeout: float = 120) -> subprocess.CompletedProcess:
+    addresses = [v if isinstance(v, str) else v.address for v in volumes]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MKV_")}
+    return subprocess.run(
+        [sys.executable, "-m", "mkv.tools.rebuild", "--volumes", ",".join(addresses),
+         "--db", str(db), "--replicas", str(replicas), "--volume-timeout", "5", *args],
+        capture_output=True, text=True, timeout=timeout, cwd=REPO, env=env)
+
+
+def rows(db: str | Path) -> dict[str, tuple]:
+    conn = apsw.Connection(str(db), flags=apsw.SQLITE_OPEN_READONLY)
+    try:
+        return {r[0]: tuple(r[1:]) for r in
+                conn.execute("SELECT key, state, volumes, size, md5 FROM keys")}
+    finally:
+        conn.close()
+
+
+def url_of(svc: MkvService, key: str) -> str:
+    return svc.url + quote(key, safe="/")
+
+
+def make_values(n: int, seed: int) -> dict[str, bytes]:
+    """n keys: plain, unicode and '/'-rich; 1 B..4 KiB values plus a few of about 1 MiB."""
+    rnd = random.Random(seed)
+    shapes = [
+        lambda i: f"/plain/{i}",
+        lambda i: f"/ünïcødé/日本語/ключ-{i}",
+        lambda i: f"/a/b//c/{i}/d/e/f/",
+        lambda i: f"/emoji/🙂/{i}?&%=#+ x",
+        lambda i: f"/deep/{'/'.join(str(i))}/leaf",
+    ]
+    out = {}
+    for i in range(n):
+        size = rnd.choice((1, 2, 17, 512, 1000, 4096)) if i % 7 else rnd.randint(1, 4096)
+        if i % 400 == 399:
+            size = (1 << 20) + rnd.randint(0, 4096)
+        out[shapes[i % len(shapes)](i)] = rnd.randbytes(size)
+    return out
+
+
+def put_all(svc: MkvService, values: dict[str, bytes]) -> None:
+    local = threading.local()
+
+    def put(item: tuple[str, bytes]) -> None:
+        s = getattr(local, "s", None) or requests.Session()
+        local.s = s
+        r = s.put(url_of(svc, item[0]), data=item[1], timeout=TIMEOUT)
+        assert r.status_code == 201, (item[0], r.status_code, r.text)
+
+    with ThreadPoolExecutor(16) as ex:
+        list(ex.map(put, values.items()))
+
+
+# --- the pure core -----------------------------------------------------------------------------
+
+
+def entry(name: str, size: int = 1, kind: str = "file") -> dict:
+    return {"name": name, "type": kind, "size": size, "mtime": "Sun, 29 Nov 2026 10:43:13 GMT"}
+
+
+def test_top_dirs_keep_only_fanout_directories() -> None:
+    entries = [entry("ab", kind="directory"), entry("zz", kind="directory"),
+               entry("0f", kind="directory"), entry("cd"), entry("ABC", kind="directory")]
+    assert scan.top_dirs(entries) == ["0f", "ab"]
+
+
+def test_parse_leaf_sorts_blobs_sidecars_and_strays() -> None:
+    h1, h2 = "abcd" + "1" * 60, "abcd" + "2" * 60
+    leaf = scan.parse_leaf("ab/cd", [
+        entry(h1, 10), entry(h1 + ".key", 70), entry(h2 + ".key"),
+        entry("README"), entry("ffff" + "0" * 60), entry("abcd" + "Z" * 60),
+        entry(h2[:-1] + "00", kind="directory")])
+    assert leaf.blobs == {h1: (10, "Sun, 29 Nov 2026 10:43:13 GMT")}
+    assert leaf.sidecars == {h1: 70, h2: 1}
+    assert sorted(leaf.strays) == sorted(["README", "ffff" + "0" * 60, "abcd" + "Z" * 60,
+                                          h2[:-1] + "00"])
+
+
+def test_merge_dir_counts_only_replicas_with_blob_and_sidecar() -> None:
+    h1, h2, h3 = ("abcd" + c * 60 for c in "123")
+    leaves = {
+        "v1": Leaf({h1: (5, "t"), h2: (3, "t")}, {h1: 60}, []),
+        "v2": Leaf({h1: (5, "t")}, {h1: 61, h3: 60}, ["junk"]),
+    }
+    cands, problems = scan.merge_dir("ab/cd", leaves)
+    assert [(c.hash, c.replicas) for c in cands] == [(h1, [("v1", 5, "t", 60), ("v2", 5, "t", 61)])]
+    got = {(p.kind, p.volume, p.path) for p in problems}
+    assert got == {
+        (Kind.BLOB_WITHOUT_SIDECAR, "v1", f"/ab/cd/{h2}"),
+        (Kind.SIDECAR_WITHOUT_BLOB, "v2", f"/ab/cd/{h3}.key"),
+        (Kind.STRAY, "v2", "/ab/cd/junk"),
+    }
+
+
+@pytest.mark.parametrize("body, kind", [
+    (b"{not json", Kind.CORRUPT_SIDECAR),
+    (b"\xff\xfe", Kind.CORRUPT_SIDECAR),
+    (b"[1, 2]", Kind.CORRUPT_SIDECAR),
+    (b'{"key": "/k", "size": -1, "md5": ""}', Kind.CORRUPT_SIDECAR),
+    (b'{"key": "/k", "size": true, "md5": ""}', Kind.CORRUPT_SIDECAR),
+    (b'{"key": "/k", "size": 1}', Kind.CORRUPT_SIDECAR),
+    (b'{"key": "/other", "size": 1, "md5": ""}', Kind.WRONG_HASH),
+])
+def test_decode_sidecar_rejects(body: bytes, kind: Kind) -> None:
+    out = scan.decode_sidecar(key_hash("/k"), body)
+    assert isinstance(out, tuple) and out[0] is kind
+
+
+def test_decode_sidecar_accepts_what_the_service_writes() -> None:
+    key = "/ünï/cødé 🙂"
+    out = scan.decode_sidecar(key_hash(key), sidecar_body(key, 12, "a" * 32))
+    assert out == scan.Sidecar(key, 12, "a" * 32)
+
+
+def test_parse_mtime() -> None:
+    assert scan.parse_mtime("Thu, 01 Jan 1970 00:01:40 GMT") == 100.0
+    assert scan.parse_mtime("Sun, 29 Nov 2026 10:43:13 GMT") == 1795948993.0
+    assert scan.parse_mtime("garbage") == 0.0
+
+
+def test_ring_order_is_the_ring_walk_filtered() -> None:
+    ring = Ring(["a:1", "b:1", "c:1", "d:1", "d:2/x"])
+    for i in range(300):
+        key = f"/k{i}"
+        order = ring.order(key)
+        held = random.Random(i).sample(order, random.Random(-i).randint(1, 4))
+        assert scan.ring_order(ring, key, sorted(held)) == tuple(v for v in order if v in held)
+
+
+def _resolver(key: str, replicas: list[tuple], sidecar_len: int | None = None) -> KeyResolver:
+    """replicas: (volume, blob size[, sidecar file size]); the sidecar size defaults to the
+    length of the usual test sidecar, sidecar_body(key, 5, "m")."""
+    h = key_hash(key)
+    default = len(sidecar_body(key, 5, "m")) if sidecar_len is None else sidecar_len
+    return KeyResolver(Candidate(h, f"{h[0:2]}/{h[2:4]}", [
+        (r[0], r[1], "Thu, 01 Jan 1970 00:01:40 GMT", r[2] if len(r) > 2 else default)
+        for r in replicas]))
+
+
+def _drive(r: KeyResolver, bodies: dict[str, bytes | tuple]) -> list[str]:
+    reads = []
+    while (v := r.next_read()) is not None:
+        reads.append(v)
+        r.feed(v, bodies[v])
+    return reads
+
+
+RING = Ring(["a:1", "b:1", "c:1"])
+
+
+def test_resolver_reads_one_sidecar_when_replicas_agree() -> None:
+    key = "/k"
+    good = sidecar_body(key, 5, "m")
+    r = _resolver(key, [("a:1", 5), ("b:1", 5), ("c:1", 5)])
+    assert len(_drive(r, {v: good for v in ("a:1", "b:1", "c:1")})) == 1
+    rec = r.record(RING)
+    assert rec == Record(key, State.LIVE, tuple(RING.order(key)), 5, "m", 100.0)
+    assert r.problems == []
+
+
+def test_resolver_leaves_out_the_replica_whose_size_disagrees_with_the_majority() -> None:
+    key = "/k"
+    good = sidecar_body(key, 5, "m")
+    for bad in ("a:1", "b:1", "c:1"):  # whichever replica is read first
+        r = _resolver(key, [(v, 4 if v == bad else 5) for v in ("a:1", "b:1", "c:1")])
+        assert len(_drive(r, {v: good for v in ("a:1", "b:1", "c:1")})) == 1
+        rec = r.record(RING)
+        assert rec is not None and set(rec.volumes) == {"a:1", "b:1", "c:1"} - {bad}
+        assert [(p.kind, p.volume) for p in r.problems] == [(Kind.SIZE_MISMATCH, bad)]
+
+
+def test_resolver_falls_back_to_the_next_replica_when_a_sidecar_is_bad() -> None:
+    key = "/k"
+    good = sidecar_body(key, 5, "m")
+    r = _resolver(key, [("a:1", 5), ("b:1", 5)])
+    first = r.next_read()
+    other = ({"a:1", "b:1"} - {first}).pop()
+    assert _drive(r, {first: b"{corrupt", other: good}) == [first, other]
+    rec = r.record(RING)
+    assert rec is not None and rec.volumes == (other,)
+    assert [(p.kind, p.volume) for p in r.problems] == [(Kind.CORRUPT_SIDECAR, first)]
+
+
+def test_resolver_checks_replicas_whose_sidecar_length_differs() -> None:
+    key = "/k"
+    good = sidecar_body(key, 5, "m")
+    other = sidecar_body(key, 5, "another md5")
+    for bad in ("a:1", "c:1"):
+        r = _resolver(key, [("a:1", 5, 9 if bad == "a:1" else len(good)), ("b:1", 5),
+                            ("c:1", 5, len(other) if bad == "c:1" else len(good))])
+        reads = _drive(r, {"a:1": b"\x00garbage" if bad == "a:1" else good, "b:1": good,
+                           "c:1": other if bad == "c:1" else good})
+        assert len(reads) == 2 and bad in reads  # the deciding read, then the odd one out
+        rec = r.record(RING)
+        assert rec is not None and set(rec.volumes) == {"a:1", "b:1", "c:1"} - {bad}
+        kinds = [(p.kind, p.volume) for p in r.problems]
+        assert kinds == [(Kind.CORRUPT_SIDECAR if bad == "a:1" else Kind.CONFLICT, bad)]
+
+
+def test_resolver_imports_nothing_when_no_sidecar_is_good() -> None:
+    key = "/k"
+    r = _resolver(key, [("a:1", 5), ("b:1", 5)])
+    _drive(r, {"a:1": sidecar_body("/other", 5, "m"), "b:1": (Kind.UNREADABLE, "answered 404")})
+    assert r.record(RING) is None
+    assert sorted(p.kind.name for p in r.problems) == ["UNREADABLE", "WRONG_HASH"]
+
+
+def test_resolver_all_sizes_wrong_imports_nothing() -> None:
+    key = "/k"
+    r = _resolver(key, [("a:1", 4)])
+    _drive(r, {"a:1": sidecar_body(key, 5, "m")})
+    assert r.record(RING) is None
+    assert [p.kind for p in r.problems] == [Kind.SIZE_MISMATCH]
+
+
+def test_report_counts_and_samples() -> None:
+    report = scan.Report(keep=2)
+    report.add(scan.Problem(Kind.STRAY, "v", f"/p{i}") for i in range(5))
+    assert report.total == 5
+    text = "\n".join(report.lines())
+    assert "unexpected name in the fan-out tree: 5" in text and "... and 3 more" in text
+
+
+# --- the pipelining client ---------------------------------------------------------------------
+
+
+class ScriptedServer:
+    """A socket server that answers each GET with a chunked body in pieces, and closes the
+    connection (announcing it) every `close_every` answers, like nginx's keepalive_requests."""
+
+    def __init__(self, close_every: int) -> None:
+        self.close_every = close_every
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.connections = 0
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.connections += 1
+            threading.Thread(target=self._handle, args=(conn,), daemon=True).start()
+
+    def _handle(self, conn: socket.socket) -> None:
+        buf, answered = b"", 0
+        with conn:
+            while True:
+                while b"\r\n\r\n" not in buf:
+                    data = conn.recv(4096)
+                    if not data:
+                        return
+                    buf += data
+                head, buf = buf.split(b"\r\n\r\n", 1)
+                path = head.split(b" ")[1]
+                answered += 1
+                closing = answered == self.close_every
+                if path.endswith(b"/missing"):
+                    body = b"<html>not found</html>"
+                    out = (b"HTTP/1.1 404 Not Found\r\nContent-Length: %d\r\n\r\n" % len(body)) + body
+                else:
+                    out = (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n"
+                           + (b"Connection: close\r\n" if closing else b"") + b"\r\n"
+                           + b"3\r\n" + path[:3] + b"\r\n"
+                           + b"%x;ext=1\r\n" % len(path[3:]) + path[3:] + b"\r\n0\r\nX-T: 1\r\n\r\n")
+                for i in range(0, len(out), 7):  # dribble it out in small pieces
+                    conn.sendall(out[i:i + 7])
+                if closing:  # lingering close, as nginx does: no RST over unread requests
+                    conn.shutdown(socket.SHUT_WR)
+                    conn.settimeout(2)
+                    while conn.recv(4096):
+                        pass
+                    return
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def test_pipe_parses_chunked_answers_and_resends_after_connection_close() -> None:
+    server = ScriptedServer(close_every=5)
+    try:
+        counted = []
+        pipe = rebuild.Pipe(f"127.0.0.1:{server.port}/pre", 5.0, lambda n, s: counted.append(n))
+        paths = [f"/ab/{i}" for i in range(23)] + ["/missing"]
+        out = pipe.get_many(paths)
+        assert out[:-1] == [(200, f"/pre/ab/{i}".encode()) for i in range(23)]
+        assert out[-1][0] == 404
+        assert server.connections == 5  # 24 answers, a new connection every 5
+        assert sum(counted) == 24
+        pipe.close()
+    finally:
+        server.close()
+
+
+def test_pipe_gives_up_on_a_refusing_volume(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(rebuild, "BACKOFF", (0.01, 0.01, 0.01))
+    pipe = rebuild.Pipe(f"127.0.0.1:{free_port()}", 1.0, lambda n, s: None)
+    with pytest.raises(VolumeUnreachable):
+        pipe.get_many(["/"])
+
+
+# --- the index file ----------------------------------------------------------------------------
+
+
+def make_index(path: Path, keys: list[str]) -> bytes:
+    conn = index.open_index(str(path))
+    with conn:
+        index.write_records(conn, [Record(k, State.LIVE, ("x:1",), 1, "", 1.0) for k in keys])
+    conn.close()
+    return path.read_bytes()
+
+
+def test_index_content_detection(tmp_path: Path) -> None:
+    assert not rebuild.index_has_content(str(tmp_path / "none.db"))
+    (tmp_path / "zero.db").write_bytes(b"")
+    assert not rebuild.index_has_content(str(tmp_path / "zero.db"))
+    make_index(tmp_path / "empty.db", [])
+    assert not rebuild.index_has_content(str(tmp_path / "empty.db"))
+    make_index(tmp_path / "full.db", ["/k"])
+    assert rebuild.index_has_content(str(tmp_path / "full.db"))
+    (tmp_path / "text.db").write_text("not sqlite at all, please keep me")
+    assert rebuild.index_has_content(str(tmp_path / "text.db"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "empty.db", "full.db", "text.db", "zero.db"]  # looking left nothing behind
+
+
+def test_replace_file_drops_the_old_wal(tmp_path: Path) -> None:
+    target, tmp = tmp_path / "index.db", tmp_path / ".index.db.rebuild-1.tmp"
+    target.write_bytes(b"old")
+    (tmp_path / "index.db-wal").write_bytes(b"old wal")
+    (tmp_path / "index.db-shm").write_bytes(b"old shm")
+    tmp.write_bytes(b"new")
+    rebuild.replace_file(str(tmp), str(target))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["index.db"]
+    assert target.read_bytes() == b"new"
+
+
+# --- end to end --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("replicas, n", [(3, 1000), (2, 150)])
+def test_rebuild_reproduces_the_index_and_the_service_serves_it(
+        replicas: int, n: int, volumes: list[NginxVolume],
+        make_service: Callable[..., MkvService], tmp_path: Path) -> None:
+    svc = make_service(volumes, replicas=replicas)
+    values = make_values(n, seed=replicas)
+    put_all(svc, values)
+    svc.stop()
+    original = rows(svc.db)
+    assert len(original) == n
+
+    fresh = MkvService(tmp_path / "rebuilt", [v.address for v in volumes], replicas=replicas)
+    proc = run_cli(volumes, fresh.db, replicas=replicas)
+    assert proc.returncode == 0, proc.stderr
+    assert f"{rebuild.PROG}: {n} keys, {n * replicas} replicas" in proc.stderr
+    assert "problems: none" in proc.stderr
+    rebuilt = rows(fresh.db)
+    assert rebuilt.keys() == original.keys()
+    assert rebuilt == original  # state, volumes in ring order, size, md5
+    assert not list((tmp_path / "rebuilt").glob(".*tmp*"))
+
+    if replicas != 3:
+        return
+    fresh.start()
+    try:
+        with requests.Session() as s:
+            for key in values:
+                r = s.get(url_of(fresh, key), allow_redirects=False, timeout=TIMEOUT)
+                assert r.status_code == 302, (key, r.status_code)
+            for key in random.Random(1).sample(sorted(values), 40):
+                r = s.get(url_of(fresh, key), timeout=TIMEOUT)
+                assert r.status_code == 200 and r.content == values[key], key
+    finally:
+        fresh.stop()
+
+
+def test_planted_inconsistencies_are_reported_not_imported(
+        volumes: list[NginxVolume], tmp_path: Path) -> None:
+    addresses = [v.address for v in volumes]
+    ring = Ring(addresses)
+    by_addr = {v.address: v for v in volumes}
+    v1, v2, v3 = volumes
+
+    for v in volumes:  # two healthy keys on all three volumes
+        plant(v, "/good", b"good value")
+        plant(v, "/ok/ünï", b"x" * 3000)
+    plant(v1, "/unfinished", b"bytes", with_sidecar=False)
+    plant(v2, "/lost-bytes", b"bytes", with_blob=False)
+    plant(v1, "/corrupt", b"bytes", sidecar=b'{"key": "/corrupt", "size": 5, "md')
+    plant(v3, "/wrong-hash", b"bytes", sidecar=sidecar_body("/somebody-else", 5, md5(b"bytes")))
+    for v in volumes:  # one replica truncated
+        plant(v, "/mismatch", b"twelve bytes", blob=b"twelve" if v is v2 else None)
+    for v in volumes:  # one replica's sidecar corrupt: the others still make the key
+        plant(v, "/one-bad-sidecar", b"abc", sidecar=b"\x00garbage" if v is v3 else None)
+    (leaf_dir(v1, "/good") / "README.txt").write_text("not mkv's")
+
+    db = tmp_path / "index.db"
+    proc = run_cli(volumes, db)
+    assert proc.returncode == 1, proc.stderr
+    err = proc.stderr
+    h = key_hash
+    for line in [
+        "blob without sidecar (unfinished write): 1",
+        f"{v1.address} /{h('/unfinished')[:2]}/{h('/unfinished')[2:4]}/{h('/unfinished')}",
+        "sidecar without blob: 1",
+        f"{v2.address} /{h('/lost-bytes')[:2]}/{h('/lost-bytes')[2:4]}/{h('/lost-bytes')}.key",
+        "corrupt sidecar JSON: 2",
+        f"{v1.address} /{h('/corrupt')[:2]}/{h('/corrupt')[2:4]}/{h('/corrupt')}.key",
+        f"{v3.address} /{h('/one-bad-sidecar')[:2]}/{h('/one-bad-sidecar')[2:4]}/"
+        f"{h('/one-bad-sidecar')}.key",
+        "sidecar key does not hash to its file name: 1",
+        f"{v3.address} /{h('/wrong-hash')[:2]}/{h('/wrong-hash')[2:4]}/{h('/wrong-hash')}.key",
+        "blob size differs from its sidecar: 1",
+        f"{v2.address} /{h('/mismatch')[:2]}/{h('/mismatch')[2:4]}/{h('/mismatch')}: "
+        "blob 6 bytes, sidecar says 12",
+        "unexpected name in the fan-out tree: 1",
+        "README.txt",
+        "key has fewer replicas than --replicas: 2",
+    ]:
+        assert line in err, f"{line!r} not in:\n{err}"
+    assert "PARTIAL" not in err
+
+    got = rows(db)
+    assert set(got) == {"/good", "/ok/ünï", "/mismatch", "/one-bad-sidecar"}
+    assert got["/good"] == (1, ",".join(ring.order("/good")), 10, md5(b"good value"))
+    assert got["/mismatch"][1] == ",".join(a for a in ring.order("/mismatch") if a != v2.address)
+    assert got["/mismatch"][2] == 12
+    assert got["/one-bad-sidecar"][1].split(",") == [
+        a for a in ring.order("/one-bad-sidecar") if by_addr[a] is not v3]
+
+
+def test_a_dead_volume_gives_a_partial_index_and_exit_1(
+        volumes: list[NginxVolume], tmp_path: Path) -> None:
+    addresses = [v.address for v in volumes]
+    by_addr = {v.address: v for v in volumes}
+    ring = Ring(addresses)
+    dead = volumes[1]
+    expected = {}
+    for i in range(120):  # R=2 keys: each survives on at least one live volume
+        key, data = f"/two/{i}", f"value {i}".encode()
+        held = ring.place(key, 2)
+        for a in held:
+            plant(by_addr[a], key, data)
+        expected[key] = ",".join(a for a in held if a != dead.address)
+    for i in range(30):  # R=1 keys that live only on the dead volume are lost
+        plant(dead, f"/only-dead/{i}", b"gone")
+    dead.kill()
+
+    db = tmp_path / "index.db"
+    started = time.monotonic()
+    proc = run_cli(volumes, db, replicas=2)
+    assert time.monotonic() - started < 30
+    assert proc.returncode == 1, proc.stderr
+    assert "PARTIAL" in proc.stderr and dead.address in proc.stderr
+    assert "volume unreachable" in proc.stderr
+    assert "scanned 2/3 volumes" in proc.stderr
+    got = rows(db)
+    assert {k: v[1] for k, v in got.items()} == expected
+
+
+def test_refuses_to_overwrite_an_index_without_force(
+        volumes: list[NginxVolume], tmp_path: Path) -> None:
+    for v in volumes:
+        plant(v, "/real", b"real")
+    (tmp_path / "idx").mkdir()
+    db = tmp_path / "idx" / "index.db"
+    before = make_index(db, ["/old-1", "/old-2"])
+    stat = db.stat()
+
+    proc = run_cli(volumes, db)
+    assert proc.returncode == 2
+    assert "--force" in proc.stderr
+    assert db.read_bytes() == before and db.stat().st_mtime_ns == stat.st_mtime_ns
+
+    (tmp_path / "idx" / "index.db-wal").write_bytes(b"")  # a stale WAL must not survive
+    proc = run_cli(volumes, db, "--force")
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(p.name for p in db.parent.iterdir()) == ["index.db"]  # no temp, WAL or SHM
+    assert set(rows(db)) == {"/real"}
+
+    empty = tmp_path / "idx" / "empty.db"  # an index without keys (a fresh service's) needs no --force
+    make_index(empty, [])
+    assert run_cli(volumes, empty).returncode == 0
+    assert set(rows(empty)) == {"/real"}
+
+
+def test_refuses_while_a_writer_serves_the_db(volumes: list[NginxVolume], tmp_path: Path) -> None:
+    db = tmp_path / "index.db"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(db) + ".writer.sock")
+    listener.listen(8)
+    try:
+        proc = run_cli(volumes, db)
+        assert proc.returncode == 2
+        assert "live mkv writer" in proc.stderr
+        assert not db.exists()
+    finally:
+        listener.close()
+    proc = run_cli(volumes, db)  # the socket file of a dead writer does not count
+    assert proc.returncode == 0, proc.stderr
+
+
+@pytest.fixture
+def hung_volume() -> Iterator[str]:
+    """A volume that accepts connections and never answers."""
+    sock = socket.create_server(("127.0.0.1", 0), backlog=64)
+    yield f"127.0.0.1:{sock.getsockname()[1]}"
+    sock.close()
+
+
+def test_killed_rebuild_leaves_the_old_index_untouched(
+        volumes: list[NginxVolume], hung_volume: str, tmp_path: Path) -> None:
+    (tmp_path / "idx").mkdir()
+    db = tmp_path / "idx" / "index.db"
+    before = make_index(db, ["/old"])
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MKV_")}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mkv.tools.rebuild", "--volumes",
+         ",".join([volumes[0].address, hung_volume]), "--replicas", "1", "--db", str(db),
+         "--force", "--volume-timeout", "1"],
+        cwd=REPO, env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 10
+        while not list(db.parent.glob(".index.db.rebuild-*.tmp")):
+            assert time.monotonic() < deadline and proc.poll() is None, "no temporary index"
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, err
+    assert "left as it was" in err
+    assert db.read_bytes() == before
+    assert sorted(p.name for p in db.parent.iterdir()) == ["index.db"]
+
+
+def test_interrupted_in_process_rebuild_leaves_no_half_index(
+        volumes: list[NginxVolume], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    for i in range(50):
+        plant(volumes[i % 3], f"/k{i}", b"v")
+    (tmp_path / "idx").mkdir()
+    db = tmp_path / "idx" / "index.db"
+    before = make_index(db, ["/old"])
+
+    def boom(self, dirs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(rebuild.Scanner, "unit", boom)
+    cfg = Config(volumes=tuple(v.address for v in volumes), replicas=1, db=str(db))
+    with pytest.raises(KeyboardInterrupt):
+        rebuild.rebuild(cfg, str(db), force=True, progress=False)
+    assert db.read_bytes() == before
+    assert sorted(p.name for p in db.parent.iterdir()) == ["index.db"]
+
+
+def test_no_readable_volume_writes_no_index(tmp_path: Path) -> None:
+    db = tmp_path / "index.db"
+    before = make_index(db, ["/old"])
+    proc = run_cli([f"127.0.0.1:{free_port()}"], db, "--force", replicas=1)
+    assert proc.returncode == 1
+    assert "index NOT written" in proc.stderr and "PARTIAL" in proc.stderr
+    assert db.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["index.db"]
+
+
+def test_usage_errors_exit_2(tmp_path: Path) -> None:
+    proc = run_cli(["127.0.0.1:1"], tmp_path / "no-such-dir" / "index.db", replicas=1)
+    assert proc.returncode == 2 and "db: directory" in proc.stderr
+    proc = run_cli(["127.0.0.1:1"], tmp_path / "index.db", "--concurrency", "0", replicas=1)
+    assert proc.returncode == 2 and "concurrency" in proc.stderr
