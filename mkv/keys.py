@@ -68,9 +68,13 @@ def sidecar_path(key: str) -> str:
     return blob_path(key) + ".key"
 
 
-def sidecar_body(key: str, size: int, md5: str) -> bytes:
-    """The sidecar's one line of JSON."""
-    return json.dumps({"key": key, "size": size, "md5": md5}, ensure_ascii=False).encode() + b"\n"
+def sidecar_body(key: str, size: int, md5: str, unlinked: bool = False) -> bytes:
+    """The sidecar's one line of JSON. An UNLINKed key's sidecar says so, so that a
+    rebuilt index keeps it hidden instead of bringing it back to life."""
+    doc: dict = {"key": key, "size": size, "md5": md5}
+    if unlinked:
+        doc["unlinked"] = True
+    return json.dumps(doc, ensure_ascii=False).encode() + b"\n"
 
 
 def next_prefix(prefix: str) -> str | None:

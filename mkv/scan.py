@@ -153,6 +153,8 @@ class Sidecar:
     key: str
     size: int
     md5: str
+    # replicas agree on the value; a failed rewrite at UNLINK may leave one behind on this
+    unlinked: bool = dataclasses.field(default=False, compare=False)
 
 
 def decode_sidecar(h: str, body: bytes) -> Sidecar | tuple[Kind, str]:
@@ -172,7 +174,7 @@ def decode_sidecar(h: str, body: bytes) -> Sidecar | tuple[Kind, str]:
         return Kind.CORRUPT_SIDECAR, f"bad md5 {md5!r}"
     if key_hash(key) != h:
         return Kind.WRONG_HASH, f"key {key!r} hashes to {key_hash(key)}"
-    return Sidecar(key, size, md5)
+    return Sidecar(key, size, md5, doc.get("unlinked") is True)
 
 
 _MONTHS = {m: i for i, m in enumerate(
@@ -301,7 +303,8 @@ class KeyResolver:
             mtime = max(mtime, parse_mtime(blob_mtime))
         if not held:
             return None
-        return Record(sc.key, State.LIVE, ring_order(ring, sc.key, held), sc.size, sc.md5, mtime)
+        state = State.UNLINKED if sc.unlinked else State.LIVE
+        return Record(sc.key, state, ring_order(ring, sc.key, held), sc.size, sc.md5, mtime)
 
 
 @dataclasses.dataclass

@@ -357,6 +357,11 @@ class Store:
         try:
             if core.unlink_verdict(current) is Verdict.MISSING:
                 raise KeyMissing(key)
+            # sidecars first: a crash in between hides a live key from a rebuild (it is
+            # listed by ?unlinked), never brings an unlinked one back
+            body = sidecar_body(key, current.size, current.md5, unlinked=True)
+            self._blame(self._each(current.volumes,
+                                   lambda v: self.pool.put(v, sidecar_path(key), body, len(body))))
             self.writer.set_state(key, State.UNLINKED, retry=True)
         except BaseException:
             self._unlock(key)

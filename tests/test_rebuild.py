@@ -643,3 +643,23 @@ def test_usage_errors_exit_2(tmp_path: Path) -> None:
     assert proc.returncode == 2 and "db: directory" in proc.stderr
     proc = run_cli(["127.0.0.1:1"], tmp_path / "index.db", "--concurrency", "0", replicas=1)
     assert proc.returncode == 2 and "concurrency" in proc.stderr
+
+
+def test_unlinked_keys_stay_unlinked_after_a_rebuild(
+        volumes: list[NginxVolume], make_service: Callable[..., MkvService],
+        tmp_path: Path) -> None:
+    svc = make_service(volumes, replicas=3)
+    values = {"/keep": b"kept", "/hidden": b"soft-deleted", "/back": b"first"}
+    put_all(svc, values)
+    assert requests.request("UNLINK", url_of(svc, "/hidden"), timeout=TIMEOUT).status_code == 204
+    assert requests.request("UNLINK", url_of(svc, "/back"), timeout=TIMEOUT).status_code == 204
+    assert requests.put(url_of(svc, "/back"), data=b"second", timeout=TIMEOUT).status_code == 201
+    svc.stop()
+    original = rows(svc.db)
+
+    fresh = tmp_path / "rebuilt.db"
+    proc = run_cli(volumes, fresh)
+    assert proc.returncode == 0, proc.stderr
+    rebuilt = rows(fresh)
+    assert rebuilt == original
+    assert rebuilt["/hidden"][0] == int(State.UNLINKED) and rebuilt["/back"][0] == int(State.LIVE)

@@ -173,7 +173,7 @@ class Rebalancer:
         raise KeyProblem("no source could be copied: " + "; ".join(errors))
 
     def _sidecars(self, rec: Record, targets: tuple[str, ...]) -> None:
-        body = sidecar_body(rec.key, rec.size, rec.md5)
+        body = sidecar_body(rec.key, rec.size, rec.md5, unlinked=rec.state is State.UNLINKED)
         for vol in targets:
             try:
                 self.pool.put(vol, sidecar_path(rec.key), body, len(body))
