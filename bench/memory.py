@@ -3,8 +3,8 @@
     python -m bench.memory [--mib 1024]
 
 Starts three nginx volumes and `mkv serve` in a temporary directory, samples
-the RSS of the service's processes (master, workers, writer) every 20 ms while a
-value streams through, and prints idle, peak and growth per process.
+the RSS of every process of the service (master, workers, writer, health) every
+20 ms while a value streams through, and prints idle, peak and growth per process.
 """
 
 from __future__ import annotations
@@ -44,6 +44,16 @@ def rss_kib(pid: int) -> int:
     return 0
 
 
+def role(pid: int, master: int) -> str:
+    """What a process of `mkv serve`'s group is, from its command line."""
+    cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    if b"mkv.writer" in cmdline:
+        return "writer"
+    if b"mkv.health" in cmdline:
+        return "health"
+    return "master" if pid == master else "worker"
+
+
 def measure(mib: int, workdir: Path) -> dict:
     vols = [NginxVolume.start(workdir / f"vol{i}") for i in range(3)]
     svc = MkvService(workdir / "svc", [v.address for v in vols], workers=2)
@@ -52,8 +62,8 @@ def measure(mib: int, workdir: Path) -> dict:
         # warm every worker up (imports, pools) so "idle" is the steady state
         for i in range(20):
             requests.put(f"{svc.url}/warm{i}", data=b"x" * 1000).raise_for_status()
-        pids = {pid: name for name in ("mkv.writer", "mkv serve")
-                for pid in svc.pids(name)}
+        assert svc.proc is not None
+        pids = {pid: role(pid, svc.proc.pid) for pid in svc.pids("")}
         idle = {pid: rss_kib(pid) for pid in pids}
         peak = dict(idle)
         done = threading.Event()
@@ -76,7 +86,7 @@ def measure(mib: int, workdir: Path) -> dict:
         sampler.join()
         if resp.status_code != 201:
             raise RuntimeError(f"PUT answered {resp.status_code}: {resp.text}\n{svc.output()[-2000:]}")
-        rows = [{"pid": pid, "process": ("writer" if pids[pid] == "mkv.writer" else "gunicorn"),
+        rows = [{"pid": pid, "process": pids[pid],
                  "idle_mib": idle[pid] / 1024, "peak_mib": peak[pid] / 1024,
                  "growth_mib": (peak[pid] - idle[pid]) / 1024} for pid in pids]
         return {"value_mib": mib, "seconds": elapsed, "mb_per_s": mib * 1.048576 / elapsed,

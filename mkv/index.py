@@ -8,11 +8,12 @@ range scan on the primary key.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import enum
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import apsw
 
@@ -122,15 +123,32 @@ _COLUMNS = "key, state, volumes, size, md5, mtime"
 
 
 class Reader:
-    """A worker's read access to the index: one connection, guarded for threads.
+    """Read access to the index, for one thread or many.
 
-    apsw refuses concurrent use of one connection from two threads, and queries
-    take microseconds, so a lock costs less than a connection per thread.
+    Given a connection, it is shared and guarded by a lock (apsw refuses
+    concurrent use of one connection). Given a function that opens one, each
+    thread gets its own: a gthread worker's threads then never queue behind a
+    thread that holds the lock while it waits for the GIL.
     """
 
-    def __init__(self, conn: apsw.Connection) -> None:
-        self.conn = conn
-        self._lock = threading.Lock()
+    def __init__(self, source: apsw.Connection | Callable[[], apsw.Connection]) -> None:
+        if isinstance(source, apsw.Connection):
+            self._shared: apsw.Connection | None = source
+            self._lock: contextlib.AbstractContextManager = threading.Lock()
+        else:
+            self._shared = None
+            self._open = source
+            self._local = threading.local()
+            self._lock = contextlib.nullcontext()
+
+    @property
+    def conn(self) -> apsw.Connection:
+        if self._shared is not None:
+            return self._shared
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = self._local.conn = self._open()
+        return conn
 
     def get(self, key: str) -> Record | None:
         with self._lock:

@@ -61,23 +61,31 @@ def get_config() -> Config:
 # --- per-worker state, built lazily after fork -----------------------------------------
 
 _store: Store | None = None
-_store_pid = 0
 _store_lock = threading.Lock()
 
 
+def _forget_store_after_fork() -> None:
+    """A forked child never reuses its parent's sockets, threads or SQLite connections."""
+    global _store, _store_lock
+    _store = None
+    _store_lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_store_after_fork)
+
+
 def worker_store() -> Store:
-    """This process's Store; a forked child never reuses its parent's sockets or SQLite."""
-    global _store, _store_pid
-    if _store is None or _store_pid != os.getpid():
+    """This process's Store, built on first use (after the fork)."""
+    global _store
+    if _store is None:
         with _store_lock:
-            if _store is None or _store_pid != os.getpid():
+            if _store is None:
                 cfg = get_config()
-                reader = index.Reader(index.connect(cfg.db, synchronous=cfg.synchronous))
+                reader = index.Reader(lambda: index.connect(cfg.db, synchronous=cfg.synchronous))
                 pool = VolumePool(cfg.volume_timeout, maxsize=cfg.threads * 2)
                 _store = Store(cfg, reader, pool,
                                lambda: WriterClient(cfg.writer_socket, timeout=cfg.volume_timeout * 3),
                                FailureReporter(health_socket_path(cfg.db)))
-                _store_pid = os.getpid()
     return _store
 
 
