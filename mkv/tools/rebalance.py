@@ -138,7 +138,8 @@ class Rebalancer:
         """Stream the blob from the first source that works to every target."""
         errors = []
         for src in sources:
-            digest = hashlib.md5(usedforsecurity=False)
+            # with --verify the bytes copied are checked too, not only the sources' sizes
+            digest = hashlib.md5(usedforsecurity=False) if self.verify and rec.md5 else None
             fan = FanOut(self.pool, self.executor, list(targets), blob_path(rec.key), rec.size)
             try:
                 resp = self.pool.stream(src, blob_path(rec.key))
@@ -149,7 +150,8 @@ class Rebalancer:
             try:
                 for chunk in resp.stream(CHUNK):
                     self._throttle(len(chunk))
-                    digest.update(chunk)
+                    if digest is not None:
+                        digest.update(chunk)
                     fan.send(chunk)
                     if fan.failed.is_set():
                         resp.close()  # unread bytes: the connection cannot be reused
@@ -165,7 +167,7 @@ class Rebalancer:
             failed = [r for r in results if r is not None]
             if failed:
                 raise KeyProblem("copy failed: " + "; ".join(str(r) for r in failed))
-            if rec.md5 and digest.hexdigest() != rec.md5:
+            if digest is not None and digest.hexdigest() != rec.md5:
                 errors.append(f"{src}: md5 {digest.hexdigest()} != {rec.md5}")
                 continue  # the next source overwrites the bad copies
             self.count(copies=len(targets), bytes=rec.size * len(targets))
