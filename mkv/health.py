@@ -26,6 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 from mkv import index
 from mkv.index import HealthRow, State
 from mkv.keys import blob_path, sidecar_path
+from mkv.supervise import run_as_child
 from mkv.volume import VolumeError, VolumePool
 from mkv.writer import KeyLocked, WriterClient, WriterError
 
@@ -236,6 +237,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--fail-count", type=int, default=2)
     p.add_argument("--ok-count", type=int, default=2)
     p.add_argument("--log-level", default="info")
+    p.add_argument("--parent", type=int, default=0, help="supervising master's pid")
     args = p.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s [%(process)d] [health] %(levelname)s %(message)s")
@@ -243,11 +245,14 @@ def main(argv: list[str] | None = None) -> int:
                             timeout=args.timeout, fail_count=args.fail_count,
                             ok_count=args.ok_count, writer_socket=args.writer_socket)
 
-    def stop(signum: int, frame: object) -> None:
+    def stop(*_: object) -> None:
         checker.stopping = True
 
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
+    if args.parent:
+        run_as_child(args.parent, stop)
+    else:
+        signal.signal(signal.SIGTERM, stop)
+        signal.signal(signal.SIGINT, stop)
     checker.run()
     return 0
 

@@ -95,8 +95,9 @@ def worker_store() -> Store:
 def children(cfg: Config) -> list[Child]:
     """The processes `mkv serve` runs beside the workers: writer first, then health."""
     py = [sys.executable, "-m"]
+    me = ["--parent", str(os.getpid())]
     writer = Child("writer", [*py, "mkv.writer", "--db", cfg.db, "--socket", cfg.writer_socket,
-                              "--synchronous", cfg.synchronous, "--log-level", cfg.log_level],
+                              "--synchronous", cfg.synchronous, "--log-level", cfg.log_level, *me],
                    ready=lambda: wait_ready(cfg.writer_socket, timeout=15))
     health = Child("health", [*py, "mkv.health", "--db", cfg.db, "--volumes", ",".join(cfg.volumes),
                               "--writer-socket", cfg.writer_socket,
@@ -104,7 +105,7 @@ def children(cfg: Config) -> list[Child]:
                               "--timeout", str(cfg.health_timeout),
                               "--fail-count", str(cfg.health_fail_count),
                               "--ok-count", str(cfg.health_ok_count),
-                              "--log-level", cfg.log_level])
+                              "--log-level", cfg.log_level, *me])
     return [writer, health]
 
 

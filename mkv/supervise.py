@@ -9,6 +9,7 @@ as exited, which is all the supervisor needs to know.
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import subprocess
 import threading
@@ -16,6 +17,26 @@ import time
 from collections.abc import Callable
 
 log = logging.getLogger("mkv.supervise")
+
+
+def run_as_child(parent: int, stop: Callable[[], None], poll: float = 0.5) -> None:
+    """In a supervised process: stop when told (SIGTERM) or when the master is gone.
+
+    The master stops its children in order, after its workers have drained; a
+    stray SIGINT is ignored. A master killed outright cannot stop anything, so
+    the child also watches for being orphaned and stops by itself rather than
+    hold the index and its socket.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, lambda signum, frame: stop())
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(poll)
+        log.warning("the mkv serve master (pid %d) is gone; stopping", parent)
+        stop()
+
+    threading.Thread(target=watch, name="mkv-parent-watch", daemon=True).start()
 
 
 class Child:
@@ -29,7 +50,9 @@ class Child:
         self.restarts = 0
 
     def start(self) -> None:
-        self.proc = subprocess.Popen(self.argv)
+        # its own process group: a terminal's Ctrl-C reaches the master and its workers,
+        # and the master stops this child in order once the workers have drained
+        self.proc = subprocess.Popen(self.argv, process_group=0)
         if self.ready is not None:
             try:
                 self.ready()

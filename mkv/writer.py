@@ -28,6 +28,7 @@ import apsw
 
 from mkv import index
 from mkv.index import Record, State
+from mkv.supervise import run_as_child
 
 log = logging.getLogger("mkv.writer")
 
@@ -477,6 +478,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--socket", required=True)
     parser.add_argument("--synchronous", default="NORMAL")
     parser.add_argument("--log-level", default="info")
+    parser.add_argument("--parent", type=int, default=0, help="supervising master's pid")
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s [%(process)d] [writer] %(levelname)s %(message)s")
@@ -486,11 +488,14 @@ def main(argv: list[str] | None = None) -> int:
         log.error("cannot start: %s", exc)
         return 1
 
-    def stop(signum: int, frame: object) -> None:
+    def stop(*_: object) -> None:
         server.stopping = True
 
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
+    if args.parent:
+        run_as_child(args.parent, stop)
+    else:
+        signal.signal(signal.SIGTERM, stop)
+        signal.signal(signal.SIGINT, stop)
     log.info("writing %s, listening on %s", args.db, args.socket)
     server.serve()
     log.info("stopped after %d commits of %d writes", server.commits, server.committed_ops)

@@ -103,12 +103,14 @@ class MkvService:
                 pass
 
     def pids(self, name: str) -> list[int]:
-        """Pids in this service's process group whose command line contains `name`."""
+        """Pids of this service (its process group, and the master's children with
+        groups of their own) whose command line contains `name`."""
         out = []
         for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
             try:
                 pid = int(cmdline.parent.name)
-                if os.getpgid(pid) != self.proc.pid:
+                ppid = int((cmdline.parent / "stat").read_text().rsplit(")", 1)[1].split()[1])
+                if self.proc.pid not in (os.getpgid(pid), ppid):
                     continue
                 if name in cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace"):
                     out.append(pid)

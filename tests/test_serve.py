@@ -82,3 +82,34 @@ def test_bin_launchers_run_the_commands_from_the_checkout():
         assert r.returncode == 0 and "--volumes" in r.stdout, tool
         assert subprocess.run([tool, "--no-such-flag"], capture_output=True,
                               timeout=30).returncode == 2
+
+
+def test_ctrl_c_to_the_whole_group_stops_cleanly_without_restarts(volumes, make_service):
+    svc = make_service(volumes)
+    roundtrip(svc.url, "/ctrl-c")
+    pgid = svc.proc.pid
+    os.killpg(pgid, signal.SIGINT)  # what a terminal does on Ctrl-C
+    svc.proc.wait(20)
+    deadline = time.monotonic() + 10
+    while group_alive(pgid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not group_alive(pgid)
+    assert "restarting" not in svc.output()
+
+
+def test_writer_and_health_stop_when_the_master_is_killed(volumes, make_service):
+    svc = make_service(volumes)
+    children = svc.pids("mkv.writer") + svc.pids("mkv.health")
+    assert len(children) == 2
+    os.kill(svc.proc.pid, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+
+    def alive(pid: int) -> bool:
+        try:
+            return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] not in "ZX"
+        except OSError:
+            return False
+
+    while any(alive(p) for p in children) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(alive(p) for p in children), "orphaned writer or health process"
