@@ -31,6 +31,7 @@ lint: venv
 	$(VENV)/bin/ruff check mkv tests
 
 bench: venv nginx
+	$(PY) -m pip install -q -e '.[bench]'
 	$(PY) -m bench.run $(if $(FULL),--full,)
 
 clean:
