@@ -53,6 +53,9 @@ ERRORS: list[tuple[type[Exception], str, str]] = [
 ]
 
 
+_HANDLED = tuple(cls for cls, _, _ in ERRORS)
+
+
 def error_body(resp: falcon.Response, status: str, error: str, detail: str) -> None:
     resp.status = status
     resp.content_type = falcon.MEDIA_JSON
@@ -82,15 +85,14 @@ class KeyResource:
         method = req.method
         try:
             self._dispatch(req, resp)
-        except tuple(e for e, _, _ in ERRORS) as exc:
+        except _HANDLED as exc:
             for cls, status, name in ERRORS:
                 if isinstance(exc, cls):
                     error_body(resp, status, name, str(exc))
                     break
         finally:
-            label = method if method in KEY_METHODS else "OTHER"
-            metrics.REQUESTS.labels(label, resp.status_code if resp.status else 200).inc()
-            metrics.LATENCY.labels(label).observe(time.perf_counter() - started)
+            metrics.observe(method if method in KEY_METHODS else "OTHER",
+                            resp.status_code if resp.status else 200, started)
 
     def _dispatch(self, req: falcon.Request, resp: falcon.Response) -> None:
         if req.method not in KEY_METHODS:

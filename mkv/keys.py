@@ -10,10 +10,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from urllib.parse import unquote_to_bytes
 
 #: Paths under this prefix belong to the service itself (health, metrics).
 RESERVED_PREFIX = "/-/"
+
+
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
 
 
 class BadKey(ValueError):
@@ -45,7 +49,7 @@ def check_key(key: str, max_key_bytes: int, *, prefix: bool = False) -> str:
         raise BadKey("empty key")
     if len(key.encode("utf-8")) > max_key_bytes:
         raise BadKey(f"key longer than {max_key_bytes} bytes")
-    if any(ord(c) < 0x20 or 0x7F <= ord(c) < 0xA0 for c in key):
+    if _CONTROL.search(key):
         raise BadKey("key contains control characters")
     if key.startswith(RESERVED_PREFIX) or key == RESERVED_PREFIX.rstrip("/"):
         raise BadKey(f"keys under {RESERVED_PREFIX} are reserved")

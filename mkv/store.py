@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import binascii
 import dataclasses
+import functools
 import hashlib
 import itertools
 import logging
@@ -151,7 +152,9 @@ class Store:
         target = core.read_target(key, record, self.health(), self.cfg.fallback, next(self._spread))
         return target, record
 
+    @functools.lru_cache(maxsize=65536)  # noqa: B019 - one Store per worker, kept for its life
     def balanced(self, record: Record) -> bool:
+        """Key-Balance, on every GET: the ring walk is cached per record."""
         return core.balanced(record, self.ring, self.cfg.replicas)
 
     # --- writes ---

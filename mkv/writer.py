@@ -33,6 +33,8 @@ from mkv.supervise import run_as_child
 log = logging.getLogger("mkv.writer")
 
 _HEADER = struct.Struct("!I")
+#: Requests that change the index; anything else runs outside a transaction.
+WRITE_OPS = frozenset(("put", "state", "delete", "bulk"))
 MAX_FRAME = 64 << 20
 
 
@@ -210,15 +212,19 @@ class WriterServer:
         replies: list[tuple[_Conn, dict]] = []
         releases: list[tuple[_Conn, str]] = []
         writes = 0
+        # a batch of only locks, unlocks and reads needs no transaction at all
+        transact = any(req.get("op") in WRITE_OPS for _, req in batch)
         try:
-            self.db.execute("BEGIN IMMEDIATE")
+            if transact:
+                self.db.execute("BEGIN IMMEDIATE")
             for conn, req in batch:
-                reply, release, wrote = self._apply(conn, req)
+                reply, release, wrote = self._apply(conn, req, transact)
                 replies.append((conn, reply))
                 if release:
                     releases.append((conn, release))
                 writes += wrote
-            self.db.execute("COMMIT")
+            if transact:
+                self.db.execute("COMMIT")
         except apsw.Error as exc:
             log.error("commit failed: %s", exc)
             if not self.db.getautocommit():
@@ -239,22 +245,27 @@ class WriterServer:
             except (BlockingIOError, OSError):
                 self._drop(conn)
 
-    def _apply(self, conn: _Conn, req: dict) -> tuple[dict, str | None, int]:
+    def _apply(self, conn: _Conn, req: dict, transact: bool) -> tuple[dict, str | None, int]:
         """Run one request inside the batch; a failing one rolls back only itself."""
         op = req.get("op")
         handler: Callable | None = getattr(self, f"_op_{op}", None) if isinstance(op, str) else None
         if handler is None:
             return {"ok": False, "error": "bad_request", "detail": f"unknown op {op!r}"}, None, 0
-        self.db.execute("SAVEPOINT op")
+        if transact:
+            self.db.execute("SAVEPOINT op")
         try:
             reply, release, wrote = handler(conn, req)
         except WriterError as exc:
-            self.db.execute("ROLLBACK TO op")
             reply, release, wrote = {"ok": False, "error": exc.code, "detail": exc.detail}, None, 0
         except (KeyError, TypeError, ValueError, apsw.ConstraintError) as exc:
-            self.db.execute("ROLLBACK TO op")
             reply, release, wrote = {"ok": False, "error": "bad_request", "detail": repr(exc)}, None, 0
-        self.db.execute("RELEASE op")
+        else:
+            if transact:
+                self.db.execute("RELEASE op")
+            return reply, release, wrote
+        if transact:
+            self.db.execute("ROLLBACK TO op")
+            self.db.execute("RELEASE op")
         return reply, release, wrote
 
     def _need_lock(self, conn: _Conn, req: dict) -> None:
