@@ -22,6 +22,7 @@ from mkv.core import Health, Verdict
 from mkv.health import FailureReporter
 from mkv.index import Record, State
 from mkv.keys import blob_path, sidecar_body, sidecar_path
+from mkv.pipeline import Pool, Request
 from mkv.ring import Ring
 from mkv.volume import FanOut, ShortWrite, UploadAborted, VolumeError, VolumePool, VolumeStatus
 from mkv.writer import KeyLocked, WriterClient, WriterError
@@ -104,6 +105,7 @@ class Store:
         self._health_at = -1.0
         self._spread = itertools.count()
         self.reporter = reporter
+        self.pipes = Pool(cfg.volume_timeout)
         self._suspects: dict[str, float] = {}
 
     # --- facts ---
@@ -228,15 +230,12 @@ class Store:
             raise BadDigest(f"Content-MD5 {expect_md5} does not match the body's {md5}")
         sidecar = sidecar_body(key, length, md5)
 
-        def put_both(vol: str) -> None:
-            self.pool.put(vol, blob_path(key), body, length)
-            self.pool.put(vol, sidecar_path(key), sidecar, len(sidecar))
-
+        both = [Request("PUT", blob_path(key), body), Request("PUT", sidecar_path(key), sidecar)]
         done: list[str] = []
         failed: list[VolumeError] = []
         for _attempt in range(3):
             todo = [v for v in volumes if v not in done]
-            errors = self._each(todo, put_both)
+            errors: list[VolumeError] = list(self.pipes.exchange({v: both for v in todo}).values())
             self._blame(errors)
             failed += errors
             bad = {e.volume for e in errors}

@@ -1,0 +1,90 @@
+"""Pipelined requests to real nginx volumes: answers in order, stale connections, failures."""
+
+import socket
+import threading
+import time
+
+import requests
+
+from mkv.pipeline import Pool, Request
+from mkv.volume import VolumeStatus, VolumeTimeout, VolumeUnreachable
+from tests.cluster import NginxVolume, free_port
+
+
+def test_blob_then_sidecar_in_one_write_to_each_volume(volumes):
+    pool = Pool(timeout=5)
+    work = {v.address: [Request("PUT", "/ab/cd/blob", b"B" * 3000),
+                        Request("PUT", "/ab/cd/blob.key", b'{"k": 1}\n')] for v in volumes}
+    assert pool.exchange(work) == {}
+    for v in volumes:
+        assert (v.root / "ab/cd/blob").read_bytes() == b"B" * 3000
+        assert (v.root / "ab/cd/blob.key").read_bytes() == b'{"k": 1}\n'
+    # overwrite (204) on the same, now pooled, connections
+    assert pool.exchange(work) == {}
+
+
+def test_a_connection_nginx_closed_while_idle_is_replaced(tmp_path):
+    vol = NginxVolume.start(tmp_path / "v")
+    try:
+        pool = Pool(timeout=5)
+        assert pool.exchange({vol.address: [Request("PUT", "/ab/cd/x", b"1")]}) == {}
+        vol.stop()
+        vol = NginxVolume.start(tmp_path / "v", port=vol.port)  # the pooled socket is now dead
+        assert pool.exchange({vol.address: [Request("PUT", "/ab/cd/x", b"2")]}) == {}
+        assert requests.get(vol.url + "/ab/cd/x").content == b"2"
+    finally:
+        vol.stop()
+
+
+def test_error_status_refused_and_silent_volumes(volumes):
+    pool = Pool(timeout=0.5)
+    refused = f"127.0.0.1:{free_port()}"
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)  # accepts (the kernel does), never answers
+    quiet = f"127.0.0.1:{silent.getsockname()[1]}"
+    try:
+        started = time.monotonic()
+        errors = pool.exchange({
+            volumes[0].address: [Request("PUT", "/ab/", b"x")],  # a directory: 405
+            refused: [Request("PUT", "/ab/cd/y", b"y")],
+            quiet: [Request("PUT", "/ab/cd/y", b"y")],
+            volumes[1].address: [Request("PUT", "/ab/cd/y", b"y")],
+        })
+        assert time.monotonic() - started < 3
+    finally:
+        silent.close()
+    assert isinstance(errors[volumes[0].address], VolumeStatus)
+    assert errors[volumes[0].address].status == 405
+    assert isinstance(errors[refused], VolumeUnreachable)
+    assert isinstance(errors[quiet], VolumeTimeout)
+    assert volumes[1].address not in errors
+
+
+def test_threads_share_a_pool(volumes):
+    pool = Pool(timeout=5)
+    failures = []
+
+    def work(t):
+        for i in range(30):
+            errs = pool.exchange({v.address: [Request("PUT", f"/t{t}/{i}", b"z" * i)]
+                                  for v in volumes})
+            failures.extend(errs.values())
+
+    threads = [threading.Thread(target=work, args=(t,)) for t in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert failures == []
+    assert all((v.root / "t7" / "29").read_bytes() == b"z" * 29 for v in volumes)
+
+
+def test_volume_prefix_is_part_of_the_path(tmp_path):
+    prefix = "disk1"
+    vol = NginxVolume.start(tmp_path / "v")
+    try:
+        assert Pool(5).exchange({f"{vol.address}/{prefix}": [Request("PUT", "/ab/cd/p", b"p")]}) == {}
+        assert (vol.root / prefix / "ab/cd/p").read_bytes() == b"p"
+    finally:
+        vol.stop()
