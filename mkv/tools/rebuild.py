@@ -44,6 +44,7 @@ from mkv import config as config_mod
 from mkv import index
 from mkv.config import Config, default_writer_socket
 from mkv.index import Record
+from mkv.pipeline import BadResponse, Connection, Dropped, Request
 from mkv.ring import Ring
 from mkv.scan import (
     Candidate,
@@ -75,19 +76,11 @@ class UsageError(Exception):
     """The rebuild must not start: exit 2 with this message."""
 
 
-# --- HTTP: a pipelining keep-alive GET client ----------------------------------------------
-
-
-class _Dropped(Exception):
-    """The connection closed before a full answer arrived."""
-
-
-class _BadResponse(Exception):
-    """Not HTTP as nginx speaks it."""
+# --- HTTP: pipelined keep-alive GETs ----------------------------------------------
 
 
 class Pipe:
-    """One keep-alive HTTP/1.1 connection to a volume that pipelines GETs.
+    """One keep-alive connection to a volume that pipelines GETs.
 
     `get_many(paths)` sends up to WINDOW requests at once and reads the answers in order.
     A connection that drops (nginx's keepalive_requests limit, a restart) is reopened and
@@ -97,26 +90,11 @@ class Pipe:
 
     def __init__(self, volume: str, timeout: float, on_request: Callable[[int, float], None]) -> None:
         self.volume = volume
-        hostport, _, prefix = volume.partition("/")
-        self.prefix = "/" + prefix if prefix else ""
-        host, _, port = hostport.rpartition(":")
-        self.addr = (host[1:-1] if host.startswith("[") else host, int(port))
-        self.head = f" HTTP/1.1\r\nHost: {hostport}\r\nUser-Agent: {PROG}\r\n\r\n"
-        self.timeout = timeout
+        self.conn = Connection(volume, timeout, agent=PROG)
         self.on_request = on_request
-        self.sock: socket.socket | None = None
-        self.buf = bytearray()
-        self.pos = 0
 
     def close(self) -> None:
-        if self.sock is not None:
-            try:
-                self.sock.close()
-            except OSError:
-                pass
-        self.sock = None
-        self.buf = bytearray()
-        self.pos = 0
+        self.conn.close()
 
     def get_many(self, paths: Sequence[str]) -> list[tuple[int, bytes]]:
         """(status, body) for each path, in order. Raises VolumeUnreachable / VolumeTimeout."""
@@ -133,13 +111,9 @@ class Pipe:
             todo = paths[len(results):]
             before = len(results)
             try:
-                if self.sock is None:
-                    self.sock = socket.create_connection(self.addr, timeout=self.timeout)
-                    self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                prefix, head = self.prefix, self.head
-                self.sock.sendall("".join(f"GET {prefix}{p}{head}" for p in todo).encode())
+                self.conn.send(b"".join(self.conn.encode(Request("GET", p)) for p in todo))
                 for _ in todo:
-                    status, body, closing = self._response()
+                    status, body, closing = self.conn.response()
                     results.append((status, body))
                     if closing:  # nginx drops the rest of the pipeline: resend it
                         self.close()
@@ -149,7 +123,7 @@ class Pipe:
                 failures = 0 if len(results) > before else failures + 1
                 if failures >= 2:
                     raise VolumeTimeout(self.volume, f"GET {todo[0]}: timed out") from exc
-            except (OSError, ValueError, _Dropped, _BadResponse) as exc:
+            except (OSError, ValueError, Dropped, BadResponse) as exc:
                 self.close()
                 failures = 0 if len(results) > before else failures + 1
                 if failures >= ATTEMPTS:
@@ -158,66 +132,6 @@ class Pipe:
                 time.sleep(BACKOFF[min(failures, len(BACKOFF)) - 1])
         self.on_request(len(paths), time.perf_counter() - started)
         return results
-
-    # Parsing: nginx answers with Content-Length (files, errors) or chunked (autoindex).
-
-    def _fill(self) -> None:
-        assert self.sock is not None
-        data = self.sock.recv(1 << 18)
-        if not data:
-            raise _Dropped("connection closed by the volume")
-        if self.pos and self.pos >= len(self.buf) // 2:
-            del self.buf[:self.pos]
-            self.pos = 0
-        self.buf += data
-
-    def _line_end(self, pos: int) -> int:
-        while (end := self.buf.find(b"\r\n", pos)) < 0:
-            self._fill()
-            pos = self.pos  # _fill may have compacted the buffer
-        return end
-
-    def _take(self, n: int) -> bytes:
-        while len(self.buf) - self.pos < n:
-            self._fill()
-        body = bytes(self.buf[self.pos:self.pos + n])
-        self.pos += n
-        return body
-
-    def _response(self) -> tuple[int, bytes, bool]:
-        while (end := self.buf.find(b"\r\n\r\n", self.pos)) < 0:
-            self._fill()
-        head = bytes(self.buf[self.pos:end]).lower()
-        self.pos = end + 4
-        if not head.startswith(b"http/1."):
-            raise _BadResponse(f"not an HTTP response: {head[:40]!r}")
-        status = int(head[9:12])
-        closing = b"\r\nconnection: close" in head
-        i = head.find(b"\r\ncontent-length:")
-        if i >= 0:
-            j = head.find(b"\r\n", i + 2)
-            body = self._take(int(head[i + 17:j if j >= 0 else len(head)]))
-        elif b"\r\ntransfer-encoding: chunked" in head:
-            body = self._chunked()
-        elif status in (204, 304):
-            body = b""
-        else:
-            raise _BadResponse("response without a length")
-        return status, body, closing
-
-    def _chunked(self) -> bytes:
-        parts = []
-        while True:
-            end = self._line_end(self.pos)
-            size = int(bytes(self.buf[self.pos:end]).split(b";")[0], 16)
-            self.pos = end + 2
-            if size == 0:
-                while (end := self._line_end(self.pos)) != self.pos:  # trailers, then a blank
-                    self.pos = end + 2
-                self.pos += 2
-                return b"".join(parts)
-            parts.append(self._take(size))
-            self._take(2)
 
 
 class Pipes:
