@@ -26,6 +26,7 @@ from pathlib import Path
 
 import apsw
 
+from bench.workloads import group_cpu
 from mkv.config import Config
 from mkv.keys import key_hash, sidecar_body
 from mkv.ring import Ring
@@ -93,16 +94,7 @@ def populate(roots: list[Path], addresses: list[str], n: int) -> dict[str, tuple
 
 def nginx_cpu(volumes: list[NginxVolume]) -> float:
     """CPU seconds (user + system) used so far by every nginx process of these volumes."""
-    groups = {v.proc.pid for v in volumes}
-    ticks = 0
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        if int(fields[2]) in groups:
-            ticks += int(fields[11]) + int(fields[12])
-    return ticks / os.sysconf("SC_CLK_TCK")
+    return group_cpu({v.proc.pid for v in volumes})
 
 
 def run(keys: int, concurrency: int, workdir: Path) -> dict:

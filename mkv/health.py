@@ -16,7 +16,6 @@ import argparse
 import dataclasses
 import logging
 import os
-import signal
 import socket
 import sys
 import time
@@ -26,7 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 from mkv import index
 from mkv.index import HealthRow, State
 from mkv.keys import blob_path, sidecar_path
-from mkv.supervise import run_as_child
+from mkv.supervise import on_stop
 from mkv.volume import VolumeError, VolumePool
 from mkv.writer import KeyLocked, WriterClient, WriterError
 
@@ -245,14 +244,10 @@ def main(argv: list[str] | None = None) -> int:
                             timeout=args.timeout, fail_count=args.fail_count,
                             ok_count=args.ok_count, writer_socket=args.writer_socket)
 
-    def stop(*_: object) -> None:
+    def stop() -> None:
         checker.stopping = True
 
-    if args.parent:
-        run_as_child(args.parent, stop)
-    else:
-        signal.signal(signal.SIGTERM, stop)
-        signal.signal(signal.SIGINT, stop)
+    on_stop(stop, args.parent)
     checker.run()
     return 0
 

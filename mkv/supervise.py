@@ -19,16 +19,20 @@ from collections.abc import Callable
 log = logging.getLogger("mkv.supervise")
 
 
-def run_as_child(parent: int, stop: Callable[[], None], poll: float = 0.5) -> None:
-    """In a supervised process: stop when told (SIGTERM) or when the master is gone.
+def on_stop(stop: Callable[[], None], parent: int = 0, poll: float = 0.5) -> None:
+    """Call `stop` on SIGTERM or SIGINT; with `parent`, as a supervised child instead:
+    on SIGTERM, or when the master is gone.
 
     The master stops its children in order, after its workers have drained; a
     stray SIGINT is ignored. A master killed outright cannot stop anything, so
     the child also watches for being orphaned and stops by itself rather than
     hold the index and its socket.
     """
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, lambda signum, frame: stop())
+    if not parent:
+        signal.signal(signal.SIGINT, lambda signum, frame: stop())
+        return
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
     def watch() -> None:
         while os.getppid() == parent:

@@ -15,7 +15,6 @@ import json
 import logging
 import os
 import selectors
-import signal
 import socket
 import struct
 import sys
@@ -28,7 +27,7 @@ import apsw
 
 from mkv import index
 from mkv.index import Record, State
-from mkv.supervise import run_as_child
+from mkv.supervise import on_stop
 
 log = logging.getLogger("mkv.writer")
 
@@ -499,14 +498,10 @@ def main(argv: list[str] | None = None) -> int:
         log.error("cannot start: %s", exc)
         return 1
 
-    def stop(*_: object) -> None:
+    def stop() -> None:
         server.stopping = True
 
-    if args.parent:
-        run_as_child(args.parent, stop)
-    else:
-        signal.signal(signal.SIGTERM, stop)
-        signal.signal(signal.SIGINT, stop)
+    on_stop(stop, args.parent)
     log.info("writing %s, listening on %s", args.db, args.socket)
     server.serve()
     log.info("stopped after %d commits of %d writes", server.commits, server.committed_ops)
