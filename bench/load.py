@@ -4,8 +4,9 @@ wrk talks to one host, so it cannot play the baseline of a PUT (the same bytes s
 straight to R volumes in parallel) nor follow a redirect to a volume. This client does
 both, and runs the mkv side of those workloads too, so mkv and its baseline are measured
 by the same code. It speaks just enough HTTP/1.1 (keep-alive, Content-Length bodies) to
-stay cheap: one event loop, no per-request objects beyond a tuple. Its own CPU use is
-reported beside every result, so a reader can tell when the client was the limit.
+stay cheap: one event loop, answers read into one reused buffer per connection, bodies
+counted rather than kept. Its own CPU use is reported beside every result, so a reader
+can tell when the client was the limit.
 """
 
 from __future__ import annotations
@@ -105,7 +106,7 @@ class Conn:
         waiter = proto.done
         if body and len(body) > 65536:
             proto.transport.write(head + b"\r\n")
-            proto.transport.write(body)  # sent from the buffer as the socket drains, no copy
+            proto.transport.write(body)  # not joined to the head: that would copy the value
         else:
             proto.transport.write(head + b"\r\n" + (body or b""))
         status, raw = await waiter
