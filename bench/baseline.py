@@ -25,7 +25,7 @@ from mkv.server import gunicorn_settings
 
 LOCATION = "http://127.0.0.1:3001" + blob_path("/bench/hit")
 NOT_FOUND = b'{"error": "not_found", "detail": "/missing/key"}'
-MKV_HOOKS = ("on_starting", "child_exit", "on_exit")
+MKV_HOOKS = ("on_starting", "post_worker_init", "child_exit", "on_exit")
 
 
 def app(environ: dict, start_response: Callable[..., Any]) -> Iterable[bytes]:

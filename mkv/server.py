@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import signal
 import sys
 import tempfile
 import threading
@@ -116,6 +117,16 @@ def on_starting(server: Any) -> None:
     _supervisor.start()
 
 
+def post_worker_init(worker: Any) -> None:
+    """Workers leave Ctrl-C to the master, which stops them with SIGQUIT.
+
+    A terminal's Ctrl-C reaches every process in the group; a gthread worker that gets
+    both SIGINT and the master's SIGQUIT re-enters its quit handler and deadlocks in its
+    thread pool's shutdown until the master SIGKILLs it 30 s later.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def child_exit(server: Any, worker: Any) -> None:
     metrics.worker_exited(worker.pid)
 
@@ -143,6 +154,7 @@ def gunicorn_settings(cfg: Config) -> dict[str, Any]:
         "errorlog": "-",
         "proc_name": "mkv",
         "on_starting": on_starting,
+        "post_worker_init": post_worker_init,
         "child_exit": child_exit,
         "on_exit": on_exit,
     }
