@@ -19,6 +19,7 @@ import sys
 import threading
 import time
 from collections import Counter
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import configargparse
@@ -29,12 +30,16 @@ from mkv.config import Config
 from mkv.index import Record, State
 from mkv.keys import blob_path, sidecar_body, sidecar_path
 from mkv.ring import Ring
-from mkv.volume import FanOut, VolumeError, VolumePool
+from mkv.volume import FanOut, UploadAborted, VolumeError, VolumePool
 from mkv.writer import KeyLocked, WriterClient, WriterError, WriterUnavailable, serve_in_thread
 
 CHUNK = 1 << 20
 PAGE = 500
 BUSY_RETRIES = 5
+
+
+class SourceFailed(UploadAborted):
+    """The copy's source broke or ended short mid-stream; another source may do."""
 
 
 class KeyProblem(Exception):
@@ -134,39 +139,65 @@ class Rebalancer:
 
     # --- moves ---
 
+    def _chunks(self, resp, rec: Record, digest) -> Iterator[bytes]:  # noqa: ANN001
+        """The source's bytes, throttled and hashed; a source that breaks or ends short
+        raises SourceFailed, so the copy moves on to the next source."""
+        got = 0
+        try:
+            for chunk in resp.stream(CHUNK):
+                self._throttle(len(chunk))
+                if digest is not None:
+                    digest.update(chunk)
+                got += len(chunk)
+                yield chunk
+        except SourceFailed:
+            raise
+        except Exception as exc:  # noqa: BLE001 - whatever broke the read, it is the source's
+            raise SourceFailed(f"read failed: {exc}") from exc
+        if got != rec.size:
+            raise SourceFailed(f"read {got} of {rec.size} bytes")
+
+    def _copy_from(self, src: str, rec: Record, targets: tuple[str, ...], digest) -> None:  # noqa: ANN001
+        """One attempt. One target (adding a volume) streams straight through; several
+        go through FanOut so the slowest bounds memory."""
+        path = blob_path(rec.key)
+        resp = self.pool.stream(src, path)
+        try:
+            if len(targets) == 1:
+                try:
+                    self.pool.put(targets[0], path, self._chunks(resp, rec, digest), rec.size)
+                except VolumeError as exc:
+                    raise KeyProblem(f"copy failed: {exc}") from exc
+                return
+            fan = FanOut(self.pool, self.executor, list(targets), path, rec.size)
+            try:
+                for chunk in self._chunks(resp, rec, digest):
+                    fan.send(chunk)
+                    if fan.failed.is_set():
+                        break
+            except SourceFailed:
+                fan.abort()
+                raise
+            failed = [r for r in fan.finish() if r is not None]
+            if failed:
+                raise KeyProblem("copy failed: " + "; ".join(str(r) for r in failed))
+        except BaseException:
+            resp.close()  # unread bytes: the connection cannot be reused
+            raise
+        finally:
+            resp.release_conn()
+
     def _copy(self, rec: Record, sources: tuple[str, ...], targets: tuple[str, ...]) -> None:
         """Stream the blob from the first source that works to every target."""
         errors = []
         for src in sources:
             # with --verify the bytes copied are checked too, not only the sources' sizes
             digest = hashlib.md5(usedforsecurity=False) if self.verify and rec.md5 else None
-            fan = FanOut(self.pool, self.executor, list(targets), blob_path(rec.key), rec.size)
             try:
-                resp = self.pool.stream(src, blob_path(rec.key))
-            except VolumeError as exc:
-                fan.abort()
-                errors.append(str(exc))
+                self._copy_from(src, rec, targets, digest)
+            except (SourceFailed, VolumeError) as exc:
+                errors.append(f"{src}: {exc}")
                 continue
-            try:
-                for chunk in resp.stream(CHUNK):
-                    self._throttle(len(chunk))
-                    if digest is not None:
-                        digest.update(chunk)
-                    fan.send(chunk)
-                    if fan.failed.is_set():
-                        resp.close()  # unread bytes: the connection cannot be reused
-                        break
-            except Exception as exc:  # noqa: BLE001 - the source failed mid-read: next one
-                resp.close()
-                fan.abort()
-                errors.append(f"{src}: read failed: {exc}")
-                continue
-            finally:
-                resp.release_conn()
-            results = fan.finish()
-            failed = [r for r in results if r is not None]
-            if failed:
-                raise KeyProblem("copy failed: " + "; ".join(str(r) for r in failed))
             if digest is not None and digest.hexdigest() != rec.md5:
                 errors.append(f"{src}: md5 {digest.hexdigest()} != {rec.md5}")
                 continue  # the next source overwrites the bad copies
