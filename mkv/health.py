@@ -24,7 +24,6 @@ from concurrent.futures import ThreadPoolExecutor
 
 from mkv import index
 from mkv.index import HealthRow, State
-from mkv.keys import blob_path, sidecar_path
 from mkv.supervise import on_stop
 from mkv.volume import VolumeError, VolumePool
 from mkv.writer import KeyLocked, WriterClient, WriterError
@@ -189,8 +188,7 @@ class HealthChecker:
                 left = []
                 for vol in current.volumes:
                     try:
-                        self.pool.delete(vol, sidecar_path(rec.key))
-                        self.pool.delete(vol, blob_path(rec.key))
+                        self.pool.remove_copy(vol, rec.key)
                     except VolumeError:
                         left.append(vol)
                 if left:

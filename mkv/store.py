@@ -308,12 +308,8 @@ class Store:
         return errors
 
     def _remove(self, key: str, volumes: list[str] | tuple[str, ...]) -> list[VolumeError]:
-        """Delete a key's sidecar, then its blob, on each volume (sidecar first, so a
-        half-removed copy is an unfinished write, never a resurrectable one)."""
-        def rm(vol: str) -> None:
-            self.pool.delete(vol, sidecar_path(key))
-            self.pool.delete(vol, blob_path(key))
-        errors = self._each(volumes, rm)
+        """Remove the key's copies on these volumes, in parallel."""
+        errors = self._each(volumes, lambda vol: self.pool.remove_copy(vol, key))
         self._blame(errors)
         for err in errors:
             log.warning("could not remove %r from %s: %s", key, err.volume, err.detail)

@@ -6,7 +6,6 @@ Every failure is one of a few exception classes, so callers decide by type
 
 from __future__ import annotations
 
-import json
 import queue
 import threading
 from collections.abc import Iterable, Iterator
@@ -20,6 +19,8 @@ from urllib3.exceptions import (
     ProtocolError,
     ReadTimeoutError,
 )
+
+from mkv.keys import blob_path, sidecar_path
 
 
 class VolumeError(Exception):
@@ -104,22 +105,15 @@ class VolumePool:
             return None
         return int(resp.headers.get("Content-Length", "0"))
 
-    def get(self, volume: str, path: str) -> bytes:
-        return self._request(volume, "GET", path, ok=(200,)).data
-
     def stream(self, volume: str, path: str) -> urllib3.BaseHTTPResponse:
         """An open response to read in chunks; the caller must release it."""
         return self._request(volume, "GET", path, ok=(200,), preload=False)
 
-    def listdir(self, volume: str, path: str) -> list[dict]:
-        """nginx's autoindex JSON of a directory: [{"name", "type", "size", ...}]; [] if absent."""
-        resp = self._request(volume, "GET", path.rstrip("/") + "/", ok=(200, 404))
-        if resp.status == 404:
-            return []
-        try:
-            return json.loads(resp.data)
-        except ValueError as exc:
-            raise VolumeError(volume, f"GET {path}: bad autoindex JSON") from exc
+    def remove_copy(self, volume: str, key: str) -> None:
+        """Delete a key's sidecar, then its blob: a half-removed copy is then an
+        unfinished write (a blob alone), never one a rebuild would bring back."""
+        self.delete(volume, sidecar_path(key))
+        self.delete(volume, blob_path(key))
 
     def ping(self, volume: str) -> None:
         """Cheapest request that proves the volume serves HTTP: nginx's /-/ping, no disk IO."""

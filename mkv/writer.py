@@ -306,9 +306,6 @@ class WriterServer:
     def _op_unlock(self, conn: _Conn, req: dict) -> tuple[dict, str, int]:
         return {"ok": True}, req["key"], 0
 
-    def _op_get(self, conn: _Conn, req: dict) -> tuple[dict, None, int]:
-        return {"ok": True, "record": record_to_wire(index.read_record(self.db, req["key"]))}, None, 0
-
     def _op_put(self, conn: _Conn, req: dict) -> tuple[dict, str | None, int]:
         """Write a record. `expect_volumes` makes it a compare-and-set (rebalance)."""
         key = req["key"]
@@ -376,10 +373,6 @@ class WriterClient:
         if self._sock is not None:
             self._sock.close()
             self._sock = None
-
-    @property
-    def connected(self) -> bool:
-        return self._sock is not None
 
     def call(self, retry: bool = False, **req: Any) -> dict:
         """Send one request and wait for its answer; raise a typed error if refused.

@@ -219,8 +219,7 @@ class Rebalancer:
         failed = []
         for vol in volumes:
             try:
-                self.pool.delete(vol, sidecar_path(key))
-                self.pool.delete(vol, blob_path(key))
+                self.pool.remove_copy(vol, key)
                 self.count(deletions=1)
             except VolumeError:
                 failed.append(vol)
