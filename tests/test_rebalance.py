@@ -332,3 +332,19 @@ def test_usage_errors_exit_2(tmp_path):
     r = subprocess.run([sys.executable, "-m", "mkv.tools.rebalance", "--bogus"],
                        capture_output=True, text=True, timeout=30)
     assert r.returncode == 2
+
+
+def test_a_dead_volume_is_reported_and_nothing_is_lost(volumes, make_service):
+    svc = make_service(volumes, replicas=3)
+    keys = KEYS[:20]
+    load(svc, keys)
+    svc.stop()
+    before = records(svc.db)
+    volumes[0].kill()
+    r = rebalance(svc, volumes, "--volume-timeout", "1")
+    assert r.returncode == 1
+    assert all(repr(k) in r.stderr for k in keys)  # each key listed: its copy cannot be made
+    assert records(svc.db) == before  # the index still names every copy it had
+    volumes[0].restart()
+    assert rebalance(svc, volumes).returncode == 0
+    assert_clean(svc.db, volumes, volumes, 3)
