@@ -312,7 +312,8 @@ class WriterServer:
         self._need_lock(conn, req)
         rec = Record(key, State(req.get("state", State.LIVE)), tuple(req["volumes"]),
                      int(req["size"]), str(req["md5"]), float(req.get("mtime") or time.time()))
-        cur = index.read_record(self.db, key)
+        checked = "expect_volumes" in req or req.get("guard") == "new"
+        cur = index.read_record(self.db, key) if checked else None
         if "expect_volumes" in req and (cur is None or list(cur.volumes) != req["expect_volumes"]):
             raise WriterError("conflict", key)
         if req.get("guard") == "new" and cur is not None and cur.state is State.LIVE:
