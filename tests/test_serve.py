@@ -21,8 +21,11 @@ def test_serve_runs_writer_and_stops_the_whole_tree(service):
     roundtrip(service.url, "/serve")
     writers = service.pids("mkv.writer")
     assert len(writers) == 1
-    workers = service.pids("mkv serve")
-    assert len(workers) >= 3  # master + 2 workers
+    # The service answers as soon as one worker is up; the second may still be booting.
+    deadline = time.monotonic() + 20
+    while len(service.pids("mkv serve")) < 3 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert len(service.pids("mkv serve")) >= 3  # master + 2 workers
     pgid = service.proc.pid
     assert service.stop() == 0
     assert not group_alive(pgid)
