@@ -1,13 +1,14 @@
 """Rebalance throughput when a volume is added, against plain HTTP copies.
 
-    python -m bench.rebalance [--keys 48] [--mib 4] [--concurrency 4]
+    python -m bench.rebalance [--keys 300] [--mib 4] [--concurrency 4] [--rounds 4]
 
-Puts `--keys` values of `--mib` MiB through a real `mkv serve` on three volumes, stops
-it, adds a fourth volume and times `mkv-rebalance` (a subprocess, its peak RSS sampled
-from /proc). Baseline in the same run: the same number of copies of the same blobs,
-each a plain streamed GET from one of the same nginx servers and PUT to another, with
-the same concurrency. Prints MB/s for both, the ratio (target >= 0.8) and the RSS
-(target < 100 MiB), and one line of JSON.
+Puts `--keys` values of `--mib` MiB through a real `mkv serve` (R=3) on three volumes,
+stops it, then alternately adds a fourth volume and drains it again, timing each
+`mkv-rebalance` (a subprocess, start to exit, its peak RSS sampled from /proc). After
+each round, the baseline: the same number of copies of the same blobs, each a plain
+streamed GET from one of the same nginx servers and PUT to another, with the same
+concurrency. Prints MB/s for both per round, the median ratio (target >= 0.8) and the
+peak RSS (target < 100 MiB), and one line of JSON.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import argparse
 import json
 import os
 import re
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -81,13 +83,37 @@ def plain_copies(pairs: list[tuple[str, str, str]], size: int, concurrency: int)
     return time.monotonic() - started
 
 
+def one_round(db: str, vols: list[NginxVolume], keys: list[str], size: int, adding: bool,
+              concurrency: int) -> dict:
+    """Rebalance onto all four volumes (adding) or back onto the first three (draining
+    the fourth), then the same number of plain copies between the same servers."""
+    config = vols if adding else vols[:3]
+    elapsed, peak, stats = run_rebalance(db, [v.address for v in config], concurrency)
+    # the baseline copies the same number of blobs, of the same size, from the volumes
+    # that hold them to the volume the round copied to most (the fourth, or on draining
+    # the first three in turn)
+    holders = [(v.address, blob_path(k)) for k in keys for v in vols
+               if (v.root / blob_path(k)[1:]).exists()]
+    targets = [vols[3].address] if adding else [v.address for v in vols[:3]]
+    pairs = [(src, targets[i % len(targets)], path)
+             for i, (src, path) in enumerate((holders * stats["copies"])[:stats["copies"]])]
+    base = plain_copies(pairs, size, concurrency)
+    copied = stats["copies"] * size
+    return {"round": "add a volume" if adding else "drain it", "copies": stats["copies"],
+            "deletions": stats["deletions"], "seconds": elapsed, "baseline_seconds": base,
+            "mb_per_s": copied / elapsed / 1e6, "baseline_mb_per_s": copied / base / 1e6,
+            "ratio": base / elapsed, "peak_rss_mib": peak}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--keys", type=int, default=48)
+    p.add_argument("--keys", type=int, default=300)
     p.add_argument("--mib", type=int, default=4)
     p.add_argument("--concurrency", type=int, default=4)
+    p.add_argument("--rounds", type=int, default=4, help="alternately add and drain a volume")
     args = p.parse_args()
     size = args.mib << 20
+    rounds = []
     with tempfile.TemporaryDirectory(prefix="mkv-bench-rebalance-") as d:
         vols = [NginxVolume.start(Path(d) / f"vol{i}") for i in range(4)]
         try:
@@ -100,27 +126,24 @@ def main() -> None:
                                       keys))
             assert set(codes) == {201}, codes
             svc.stop()
-            elapsed, peak, stats = run_rebalance(svc.db, [v.address for v in vols], args.concurrency)
-            copied = stats["copies"] * size
-            # the baseline copies the same number of blobs, of the same size, between the
-            # same servers: from each old volume in turn to the new one
-            holders = [(v.address, blob_path(k)) for k in keys for v in vols[:3]
-                       if (v.root / blob_path(k)[1:]).exists()]
-            pairs = [(src, vols[3].address, path)
-                     for src, path in (holders * stats["copies"])[:stats["copies"]]]
-            base = plain_copies(pairs, size, args.concurrency)
+            for i in range(args.rounds):
+                r = one_round(svc.db, vols, keys, size, adding=i % 2 == 0,
+                              concurrency=args.concurrency)
+                rounds.append(r)
+                print(f"{r['round']}: {r['copies']} copies of {args.mib} MiB in {r['seconds']:.2f}s = "
+                      f"{r['mb_per_s']:.0f} MB/s (with checks, index updates and {r['deletions']} "
+                      f"deletions); plain GET+PUT {r['baseline_seconds']:.2f}s = "
+                      f"{r['baseline_mb_per_s']:.0f} MB/s; ratio {r['ratio']:.2f}; "
+                      f"RSS {r['peak_rss_mib']:.0f} MiB", flush=True)
         finally:
             for v in vols:
                 v.stop()
-    mkv_rate, base_rate = copied / elapsed / 1e6, copied / base / 1e6
-    print(f"rebalance: {stats['copies']} copies of {args.mib} MiB in {elapsed:.1f}s = "
-          f"{mkv_rate:.0f} MB/s (includes checks, index updates and {stats['deletions']} deletions)")
-    print(f"plain GET+PUT of the same bytes: {base:.1f}s = {base_rate:.0f} MB/s")
-    print(f"ratio {mkv_rate / base_rate:.2f} (target >= 0.8); rebalancer peak RSS {peak:.0f} MiB "
-          f"(target < 100)")
-    print(json.dumps({"copies": stats["copies"], "value_mib": args.mib, "seconds": elapsed,
-                      "mb_per_s": mkv_rate, "baseline_seconds": base, "baseline_mb_per_s": base_rate,
-                      "ratio": mkv_rate / base_rate, "peak_rss_mib": peak}))
+    ratio = statistics.median(r["ratio"] for r in rounds)
+    peak = max(r["peak_rss_mib"] for r in rounds)
+    print(f"median ratio {ratio:.2f} over {len(rounds)} rounds (target >= 0.8); "
+          f"rebalancer peak RSS {peak:.0f} MiB (target < 100)")
+    print(json.dumps({"value_mib": args.mib, "keys": args.keys, "concurrency": args.concurrency,
+                      "ratio": ratio, "peak_rss_mib": peak, "rounds": rounds}))
 
 
 if __name__ == "__main__":

@@ -13,8 +13,9 @@ import dataclasses
 import socket
 import threading
 from collections import defaultdict
+from collections.abc import Iterable
 
-from mkv.volume import VolumeError, VolumeStatus, VolumeTimeout, VolumeUnreachable
+from mkv.volume import ShortWrite, VolumeError, VolumeStatus, VolumeTimeout, VolumeUnreachable
 
 
 class Dropped(Exception):
@@ -30,6 +31,13 @@ class Request:
     method: str
     path: str
     body: bytes | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Reply:
+    status: int
+    length: int  # Content-Length, -1 when the answer had none
+    body: bytes
 
 
 class Connection:
@@ -60,10 +68,13 @@ class Connection:
         self.reused = False
 
     def encode(self, req: Request) -> bytes:
-        head = f"{req.method} {self.prefix}{req.path}{self.headers}"
         if req.body is None:
-            return (head + "\r\n").encode()
-        return (head + f"Content-Length: {len(req.body)}\r\n\r\n").encode() + req.body
+            return f"{req.method} {self.prefix}{req.path}{self.headers}\r\n".encode()
+        return self.head(req.method, req.path, len(req.body)) + req.body
+
+    def head(self, method: str, path: str, length: int) -> bytes:
+        """The request line and headers of a request with a body of `length` bytes."""
+        return f"{method} {self.prefix}{path}{self.headers}Content-Length: {length}\r\n\r\n".encode()
 
     def send(self, data: bytes) -> None:
         if self.sock is None:
@@ -94,8 +105,9 @@ class Connection:
         self.pos += n
         return body
 
-    def response(self) -> tuple[int, bytes, bool]:
-        """(status, body, the volume will close the connection) of the next answer."""
+    def response(self, head_only: bool = False) -> tuple[int, int, bytes, bool]:
+        """(status, Content-Length, body, the volume will close the connection) of the
+        next answer. An answer to HEAD (`head_only`) announces a length but has no body."""
         while (end := self.buf.find(b"\r\n\r\n", self.pos)) < 0:
             self._fill()
         head = bytes(self.buf[self.pos:end]).lower()
@@ -105,16 +117,19 @@ class Connection:
         status = int(head[9:12])
         closing = b"\r\nconnection: close" in head
         i = head.find(b"\r\ncontent-length:")
+        length = -1
         if i >= 0:
             j = head.find(b"\r\n", i + 2)
-            body = self._take(int(head[i + 17:j if j >= 0 else len(head)]))
+            length = int(head[i + 17:j if j >= 0 else len(head)])
+        if head_only or status in (204, 304):
+            body = b""
+        elif length >= 0:
+            body = self._take(length)
         elif b"\r\ntransfer-encoding: chunked" in head:
             body = self._chunked()
-        elif status in (204, 304):
-            body = b""
         else:
             raise BadResponse("response without a length")
-        return status, body, closing
+        return status, length, body, closing
 
     def _chunked(self) -> bytes:
         parts = []
@@ -160,10 +175,18 @@ class Pool:
 
     def exchange(self, work: dict[str, list[Request]], ok: tuple[int, ...] = (200, 201, 204)
                  ) -> dict[str, VolumeError]:
+        """Send each volume its requests and check every answer's status; the errors,
+        by volume."""
+        return {vol: out for vol, out in self.ask(work, ok).items()
+                if isinstance(out, VolumeError)}
+
+    def ask(self, work: dict[str, list[Request]], ok: tuple[int, ...] = (200, 201, 204)
+            ) -> dict[str, list[Reply] | VolumeError]:
         """Send each volume its requests (all volumes first, then read the answers), so
-        the volumes work at once without a thread each. The errors, by volume."""
+        the volumes work at once without a thread each. By volume: one Reply per
+        request, or the error that stopped them (a status outside `ok` is an error)."""
         conns = {vol: self.take(vol) for vol in work}
-        errors: dict[str, VolumeError] = {}
+        out: dict[str, list[Reply] | VolumeError] = {}
         for vol, reqs in work.items():
             try:
                 conns[vol].send(b"".join(conns[vol].encode(r) for r in reqs))
@@ -171,35 +194,71 @@ class Pool:
                 conns[vol].close()  # retried below on a new connection
         for vol, reqs in work.items():
             try:
-                self._finish(conns[vol], reqs, ok)
+                out[vol] = self._finish(conns[vol], reqs, ok)
             except VolumeError as exc:
                 conns[vol].close()
-                errors[vol] = exc
+                out[vol] = exc
             self.give(conns[vol])
-        return errors
+        return out
 
-    def _finish(self, conn: Connection, reqs: list[Request], ok: tuple[int, ...]) -> None:
+    def put_stream(self, volume: str, path: str, chunks: Iterable[bytes], length: int,
+                   then: list[Request] | None = None) -> None:
+        """PUT a body read from `chunks`, then the small requests `then` pipelined behind
+        it (a sidecar follows its blob with no round trip in between, and only once the
+        whole body is sent). Whatever `chunks` raises passes through, with the connection
+        closed so nginx drops the partial body; the volume's failures are VolumeErrors.
+
+        The body cannot be sent twice, so it goes on a new connection: a kept-alive one
+        that nginx has closed meanwhile is only found out once the body is gone."""
+        then = then or []
+        conn = Connection(volume, self.timeout)
+        put = Request("PUT", path)
+        try:
+            try:
+                conn.send(conn.head("PUT", path, length))
+                sent = 0
+                for chunk in chunks:
+                    conn.send(chunk)
+                    sent += len(chunk)
+                if sent != length:
+                    raise ShortWrite(volume, f"PUT {path}: sent {sent} of {length} bytes")
+                if then:
+                    conn.send(b"".join(conn.encode(r) for r in then))
+            except OSError as exc:
+                raise _volume_error(volume, put, exc) from exc
+            # not a reused connection, so only `then` can be resent, never the body
+            self._finish(conn, [put, *then], (200, 201, 204))
+        except BaseException:
+            conn.close()
+            raise
+        self.give(conn)
+
+    def _finish(self, conn: Connection, reqs: list[Request], ok: tuple[int, ...]) -> list[Reply]:
         """Read the answers; resend what a closed or stale connection lost (these requests
         are idempotent: the same bytes to the same path, under the key's lock)."""
         pending = list(reqs)
+        replies: list[Reply] = []
         retried = False
         while pending:
             try:
                 if conn.sock is None:
                     conn.send(b"".join(conn.encode(r) for r in pending))
                 while pending:
-                    status, _, closing = conn.response()
-                    req = pending.pop(0)
+                    req = pending[0]
+                    status, length, body, closing = conn.response(head_only=req.method == "HEAD")
+                    pending.pop(0)
                     if status not in ok:
                         raise VolumeStatus(conn.volume, status, req.method, req.path)
+                    replies.append(Reply(status, length, body))
                     if closing:
                         conn.close()
                         break
             except (Dropped, ConnectionError) as exc:
-                stale = conn.reused and len(pending) == len(reqs) and not retried
+                stale = conn.reused and not replies and not retried
                 conn.close()
                 if not stale:
                     raise _volume_error(conn.volume, pending[0], exc) from exc
                 retried = True  # nginx closed the idle connection: once more on a new one
             except (OSError, BadResponse, ValueError) as exc:
                 raise _volume_error(conn.volume, pending[0], exc) from exc
+        return replies

@@ -107,6 +107,9 @@ class _Conn:
         self.locks: set[str] = set()
 
 
+_WAKE = object()
+
+
 class WriterServer:
     """Selector loop + group commit. Not thread-safe: one thread runs `serve`."""
 
@@ -121,6 +124,10 @@ class WriterServer:
         self.started = time.time()
         self.listener = self._listen(socket_path)
         self.sel.register(self.listener, selectors.EVENT_READ, None)
+        # `stop` writes a byte here so the loop ends now, not at the next select timeout
+        self._wake, self._waker = socket.socketpair()
+        self._waker.setblocking(False)
+        self.sel.register(self._wake, selectors.EVENT_READ, _WAKE)
 
     @staticmethod
     def _listen(path: str) -> socket.socket:
@@ -148,16 +155,27 @@ class WriterServer:
             for skey, _ in self.sel.select(timeout=0.5):
                 if skey.data is None:
                     self._accept()
+                elif skey.data is _WAKE:
+                    continue
                 else:
                     self._read(skey.data, batch)
             if batch:
                 self._run_batch(batch)
         self.close()
 
+    def stop(self) -> None:
+        """End `serve` (from another thread or a signal handler)."""
+        self.stopping = True
+        try:
+            self._waker.send(b"x")
+        except OSError:
+            pass  # already woken, or closed
+
     def close(self) -> None:
         for skey in list(self.sel.get_map().values()):
             skey.fileobj.close()
         self.sel.close()
+        self._waker.close()
         try:
             os.unlink(self.socket_path)
         except FileNotFoundError:
@@ -492,10 +510,7 @@ def main(argv: list[str] | None = None) -> int:
         log.error("cannot start: %s", exc)
         return 1
 
-    def stop() -> None:
-        server.stopping = True
-
-    on_stop(stop, args.parent)
+    on_stop(server.stop, args.parent)
     log.info("writing %s, listening on %s", args.db, args.socket)
     server.serve()
     log.info("stopped after %d commits of %d writes", server.commits, server.committed_ops)

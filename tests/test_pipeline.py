@@ -4,10 +4,11 @@ import socket
 import threading
 import time
 
+import pytest
 import requests
 
 from mkv.pipeline import Pool, Request
-from mkv.volume import VolumeStatus, VolumeTimeout, VolumeUnreachable
+from mkv.volume import ShortWrite, VolumeStatus, VolumeTimeout, VolumeUnreachable
 from tests.cluster import NginxVolume, free_port
 
 
@@ -88,3 +89,52 @@ def test_volume_prefix_is_part_of_the_path(tmp_path):
         assert (vol.root / prefix / "ab/cd/p").read_bytes() == b"p"
     finally:
         vol.stop()
+
+
+def test_heads_answer_length_without_a_body_and_404_for_missing(volumes):
+    pool = Pool(timeout=5)
+    vol = volumes[0]
+    assert pool.exchange({vol.address: [Request("PUT", "/ab/cd/h", b"H" * 1234)]}) == {}
+    heads = [Request("HEAD", "/ab/cd/h"), Request("HEAD", "/ab/cd/none"),
+             Request("GET", "/ab/cd/h")]  # a GET after the HEADs: the stream stays in step
+    out = pool.ask({vol.address: heads}, ok=(200, 404))[vol.address]
+    assert (out[0].status, out[0].length, out[0].body) == (200, 1234, b"")
+    assert (out[1].status, out[1].body) == (404, b"")  # its length is nginx's error page's
+    assert out[2].status == 200 and out[2].body == b"H" * 1234
+    # a status outside `ok` is that volume's error
+    assert isinstance(pool.ask({vol.address: heads[1:2]}, ok=(200,))[vol.address], VolumeStatus)
+
+
+def test_streamed_put_then_sidecar_pipelined_behind_it(volumes):
+    pool = Pool(timeout=5)
+    vol = volumes[0]
+    chunks = [b"a" * 100_000, b"b" * 100_000, b"c" * 50]
+    pool.put_stream(vol.address, "/ab/cd/s", iter(chunks), 200_050,
+                    then=[Request("PUT", "/ab/cd/s.key", b"side")])
+    assert (vol.root / "ab/cd/s").read_bytes() == b"".join(chunks)
+    assert (vol.root / "ab/cd/s.key").read_bytes() == b"side"
+
+
+def test_streamed_put_torn_by_its_source_or_short_leaves_no_file(volumes):
+    pool = Pool(timeout=5)
+    vol = volumes[0]
+
+    class Broke(Exception):
+        pass
+
+    def torn():
+        yield b"x" * 100_000
+        raise Broke()
+
+    with pytest.raises(Broke):
+        pool.put_stream(vol.address, "/ab/cd/t", torn(), 200_000,
+                        then=[Request("PUT", "/ab/cd/t.key", b"side")])
+    with pytest.raises(ShortWrite):
+        pool.put_stream(vol.address, "/ab/cd/u", iter([b"y" * 10]), 200_000,
+                        then=[Request("PUT", "/ab/cd/u.key", b"side")])
+    time.sleep(0.2)  # nginx notices the closed connection
+    for name in ("t", "t.key", "u", "u.key"):
+        assert not (vol.root / "ab/cd" / name).exists(), name
+    # a refused volume is a VolumeError, not an OSError
+    with pytest.raises(VolumeUnreachable):
+        pool.put_stream(f"127.0.0.1:{free_port()}", "/ab/cd/v", iter([b"z"]), 1)

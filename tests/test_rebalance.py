@@ -7,6 +7,7 @@ import os
 import random
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -348,3 +349,123 @@ def test_a_dead_volume_is_reported_and_nothing_is_lost(volumes, make_service):
     volumes[0].restart()
     assert rebalance(svc, volumes).returncode == 0
     assert_clean(svc.db, volumes, volumes, 3)
+
+
+class CuttingProxy:
+    """A volume's address whose answers stop after `limit` bytes per connection: a
+    source that breaks mid-copy (HEADs and small answers pass; big GETs are torn)."""
+
+    def __init__(self, upstream: NginxVolume, limit: int | None) -> None:
+        self.upstream, self.limit, self.root = upstream, limit, upstream.root
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.address = f"127.0.0.1:{self.listener.getsockname()[1]}"
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            server = socket.create_connection(("127.0.0.1", self.upstream.port))
+            threading.Thread(target=self._pump, args=(client, server, None), daemon=True).start()
+            threading.Thread(target=self._pump, args=(server, client, self.limit),
+                             daemon=True).start()
+
+    @staticmethod
+    def _pump(src: socket.socket, dst: socket.socket, limit: int | None) -> None:
+        passed = 0
+        try:
+            while data := src.recv(65536):
+                if limit is not None and passed + len(data) > limit:
+                    dst.sendall(data[:limit - passed])
+                    break
+                dst.sendall(data)
+                passed += len(data)
+        except OSError:
+            pass
+        for s in (src, dst):
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            s.close()
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+BIG = 2 << 20
+
+
+def big(key: str) -> bytes:
+    return hashlib.sha256(key.encode()).digest() * (BIG // 32)
+
+
+def test_a_source_torn_mid_copy_gives_way_to_the_next(make_volumes, make_service):
+    vols = make_volumes(3)
+    torn = CuttingProxy(vols[0], limit=BIG // 2)
+    try:
+        svc = make_service([torn, vols[1]], replicas=2)
+        keys = [f"/torn/{i}" for i in range(30)]
+        load(svc, keys, body=big)
+        svc.stop()
+        ring = Ring([torn.address, vols[1].address, vols[2].address])
+        first_torn = [k for k, rec in records(svc.db).items()
+                      if rec.volumes[0] == torn.address and vols[2].address in ring.place(k, 2)]
+        assert first_torn  # keys whose first source breaks mid-copy
+        r = rebalance(svc, [torn, vols[1], vols[2]], replicas=2)
+        assert r.returncode == 0, r.stderr
+        recs = records(svc.db)
+        root = {torn.address: vols[0].root, vols[1].address: vols[1].root,
+                vols[2].address: vols[2].root}
+        for k in keys:
+            assert recs[k].volumes == tuple(ring.place(k, 2))
+            for vol in recs[k].volumes:
+                assert (root[vol] / blob_path(k)[1:]).read_bytes() == big(k)
+        assert_clean(svc.db, [torn, vols[1], vols[2]], [torn, vols[1], vols[2]], 2)
+    finally:
+        torn.close()
+
+
+def test_no_whole_source_reports_the_key_and_leaves_no_orphan(make_volumes, make_service):
+    vols = make_volumes(2)
+    torn = CuttingProxy(vols[0], limit=BIG // 2)
+    try:
+        svc = make_service([torn], replicas=1)
+        keys = [f"/orphan/{i}" for i in range(12)]
+        load(svc, keys, body=big)
+        svc.stop()
+        before = records(svc.db)
+        ring = Ring([torn.address, vols[1].address])
+        moving = [k for k in keys if ring.place(k, 1) == [vols[1].address]]
+        assert moving
+        r = rebalance(svc, [torn, vols[1]], replicas=1)
+        assert r.returncode == 1
+        assert all(repr(k) in r.stderr for k in moving)
+        assert records(svc.db) == before  # still pointing at the whole copies
+        assert on_disk([vols[1]]) == set()  # the torn copies were removed
+        torn.limit = None  # the source reads whole again: the next run finishes the job
+        assert rebalance(svc, [torn, vols[1]], replicas=1).returncode == 0
+        assert_clean(svc.db, [torn, vols[1]], [torn, vols[1]], 1)
+    finally:
+        torn.close()
+
+
+def test_a_copy_whose_sidecar_cannot_be_written_is_removed(make_volumes, make_service):
+    a, b = make_volumes(2)
+    svc = make_service([a], replicas=1)
+    keys = [f"/side/{i}" for i in range(12)]
+    load(svc, keys)
+    svc.stop()
+    before = records(svc.db)
+    moving = [k for k in keys if Ring([a.address, b.address]).place(k, 1) == [b.address]]
+    assert moving
+    for k in moving:  # a directory where the sidecar goes: nginx refuses that PUT
+        (b.root / sidecar_path(k)[1:]).mkdir(parents=True)
+    r = rebalance(svc, [a, b], replicas=1)
+    assert r.returncode == 1
+    assert all(repr(k) in r.stderr and "sidecar" in r.stderr for k in moving)
+    assert records(svc.db) == before
+    for k in moving:  # the blob that did arrive is gone again: nothing names it
+        assert not (b.root / blob_path(k)[1:]).exists()

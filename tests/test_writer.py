@@ -23,7 +23,7 @@ def writer(tmp_path):
     db, sock = str(tmp_path / "i.db"), str(tmp_path / "w.sock")
     server, thread = serve_in_thread(db, sock)
     yield db, sock, server
-    server.stopping = True
+    server.stop()
     thread.join(5)
 
 

@@ -23,12 +23,14 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import configargparse
+import urllib3
 
 from mkv import config as config_mod
 from mkv import core, index
 from mkv.config import Config
 from mkv.index import Record, State
 from mkv.keys import blob_path, sidecar_body, sidecar_path
+from mkv.pipeline import Pool, Request
 from mkv.ring import Ring
 from mkv.volume import FanOut, UploadAborted, VolumeError, VolumePool
 from mkv.writer import KeyLocked, WriterClient, WriterError, WriterUnavailable, serve_in_thread
@@ -75,6 +77,7 @@ class Rebalancer:
         self.ring = Ring(cfg.volumes, **({"vnodes": cfg.vnodes} if cfg.vnodes else {}))
         self.reader = index.Reader(index.connect(cfg.db, synchronous=cfg.synchronous))
         self.pool = VolumePool(cfg.volume_timeout, maxsize=concurrency * (cfg.replicas + 1))
+        self.pipes = Pool(cfg.volume_timeout)  # the small requests: checks, sidecars, deletes
         self.concurrency = concurrency
         self.executor = ThreadPoolExecutor(max_workers=concurrency * (cfg.replicas + 2),
                                            thread_name_prefix="rebalance-io")
@@ -111,30 +114,38 @@ class Rebalancer:
 
     def _check(self, rec: Record) -> tuple[set[str], set[str]]:
         """Which recorded copies are good (right size, right md5 with --verify), and
-        which of those have their sidecar."""
-        def one(vol: str) -> tuple[bool, bool]:
-            try:
-                if self.pool.size(vol, blob_path(rec.key)) != rec.size:
-                    return False, False
-                if self.verify and rec.md5 and self._md5_of(vol, rec.key) != rec.md5:
-                    return False, False
-                return True, self.pool.size(vol, sidecar_path(rec.key)) is not None
-            except VolumeError:
-                return False, False
-
-        results = list(self.executor.map(one, rec.volumes))
-        good = {v for v, (ok, _) in zip(rec.volumes, results, strict=True) if ok}
-        sidecar = {v for v, (_, ok) in zip(rec.volumes, results, strict=True) if ok}
+        which of those have their sidecar. One pipelined round trip (HEAD blob, HEAD
+        sidecar) per volume, all volumes at once: this runs for every key."""
+        heads = [Request("HEAD", blob_path(rec.key)), Request("HEAD", sidecar_path(rec.key))]
+        answers = self.pipes.ask({vol: heads for vol in rec.volumes}, ok=(200, 404))
+        good: set[str] = set()
+        sidecar: set[str] = set()
+        for vol, out in answers.items():
+            if isinstance(out, VolumeError):
+                continue
+            blob, side = out
+            if blob.status == 200 and blob.length == rec.size:
+                good.add(vol)
+                if side.status == 200:
+                    sidecar.add(vol)
+        if self.verify and rec.md5 and good:
+            checked = list(self.executor.map(lambda v: self._md5_of(v, rec.key), sorted(good)))
+            good = {v for v, md5 in zip(sorted(good), checked, strict=True) if md5 == rec.md5}
+            sidecar &= good
         return good, sidecar
 
-    def _md5_of(self, vol: str, key: str) -> str:
+    def _md5_of(self, vol: str, key: str) -> str | None:
+        """The copy's md5, or None when it cannot be read."""
         digest = hashlib.md5(usedforsecurity=False)
-        resp = self.pool.stream(vol, blob_path(key))
         try:
-            for chunk in resp.stream(CHUNK):
-                digest.update(chunk)
-        finally:
-            resp.release_conn()
+            resp = self.pool.stream(vol, blob_path(key))
+            try:
+                for chunk in resp.stream(CHUNK):
+                    digest.update(chunk)
+            finally:
+                resp.release_conn()
+        except (VolumeError, urllib3.exceptions.HTTPError, OSError):
+            return None
         return digest.hexdigest()
 
     # --- moves ---
@@ -157,18 +168,23 @@ class Rebalancer:
         if got != rec.size:
             raise SourceFailed(f"read {got} of {rec.size} bytes")
 
-    def _copy_from(self, src: str, rec: Record, targets: tuple[str, ...], digest) -> None:  # noqa: ANN001
-        """One attempt. One target (adding a volume) streams straight through; several
-        go through FanOut so the slowest bounds memory."""
+    def _copy_from(self, src: str, rec: Record, targets: tuple[str, ...], digest) -> bool:  # noqa: ANN001
+        """One attempt; True when the sidecars were written too. One target (adding a
+        volume) streams straight through, its sidecar pipelined behind the blob (unless
+        the bytes are still to be checked); several go through FanOut so the slowest
+        bounds memory."""
         path = blob_path(rec.key)
         resp = self.pool.stream(src, path)
         try:
             if len(targets) == 1:
+                then = [] if digest is not None else [Request("PUT", sidecar_path(rec.key),
+                                                              self._sidecar(rec))]
                 try:
-                    self.pool.put(targets[0], path, self._chunks(resp, rec, digest), rec.size)
+                    self.pipes.put_stream(targets[0], path, self._chunks(resp, rec, digest),
+                                          rec.size, then)
                 except VolumeError as exc:
                     raise KeyProblem(f"copy failed: {exc}") from exc
-                return
+                return bool(then)
             fan = FanOut(self.pool, self.executor, list(targets), path, rec.size)
             try:
                 for chunk in self._chunks(resp, rec, digest):
@@ -181,6 +197,7 @@ class Rebalancer:
             failed = [r for r in fan.finish() if r is not None]
             if failed:
                 raise KeyProblem("copy failed: " + "; ".join(str(r) for r in failed))
+            return False
         except BaseException:
             resp.close()  # unread bytes: the connection cannot be reused
             raise
@@ -188,42 +205,51 @@ class Rebalancer:
             resp.release_conn()
 
     def _copy(self, rec: Record, sources: tuple[str, ...], targets: tuple[str, ...]) -> None:
-        """Stream the blob from the first source that works to every target."""
+        """Stream the blob from the first source that works to every target, and write
+        the targets' sidecars. When no source works, what the attempts left on volumes
+        the record does not name is removed: no orphan stays behind."""
         errors = []
         for src in sources:
             # with --verify the bytes copied are checked too, not only the sources' sizes
             digest = hashlib.md5(usedforsecurity=False) if self.verify and rec.md5 else None
             try:
-                self._copy_from(src, rec, targets, digest)
+                with_sidecars = self._copy_from(src, rec, targets, digest)
             except (SourceFailed, VolumeError) as exc:
                 errors.append(f"{src}: {exc}")
                 continue
+            except KeyProblem:
+                self._drop(rec.key, tuple(v for v in targets if v not in rec.volumes))
+                raise
             if digest is not None and digest.hexdigest() != rec.md5:
                 errors.append(f"{src}: md5 {digest.hexdigest()} != {rec.md5}")
                 continue  # the next source overwrites the bad copies
             self.count(copies=len(targets), bytes=rec.size * len(targets))
+            if with_sidecars:
+                self.count(sidecars=len(targets))
+            else:
+                self._sidecars(rec, targets)
             return
+        self._drop(rec.key, tuple(v for v in targets if v not in rec.volumes))
         raise KeyProblem("no source could be copied: " + "; ".join(errors))
 
+    @staticmethod
+    def _sidecar(rec: Record) -> bytes:
+        return sidecar_body(rec.key, rec.size, rec.md5, unlinked=rec.state is State.UNLINKED)
+
     def _sidecars(self, rec: Record, targets: tuple[str, ...]) -> None:
-        body = sidecar_body(rec.key, rec.size, rec.md5, unlinked=rec.state is State.UNLINKED)
-        for vol in targets:
-            try:
-                self.pool.put(vol, sidecar_path(rec.key), body, len(body))
-            except VolumeError as exc:
-                raise KeyProblem(f"sidecar write failed: {exc}") from exc
+        put = [Request("PUT", sidecar_path(rec.key), self._sidecar(rec))]
+        errors = self.pipes.exchange({vol: put for vol in targets})
+        if errors:
+            raise KeyProblem("sidecar write failed: " + "; ".join(map(str, errors.values())))
         self.count(sidecars=len(targets))
 
     def _drop(self, key: str, volumes: tuple[str, ...]) -> list[str]:
-        """Delete copies (sidecar first); the volumes where it failed."""
-        failed = []
-        for vol in volumes:
-            try:
-                self.pool.remove_copy(vol, key)
-                self.count(deletions=1)
-            except VolumeError:
-                failed.append(vol)
-        return failed
+        """Delete copies (sidecar first, as VolumePool.remove_copy, pipelined on each
+        volume); the volumes where it failed."""
+        both = [Request("DELETE", sidecar_path(key)), Request("DELETE", blob_path(key))]
+        errors = self.pipes.exchange({vol: both for vol in volumes}, ok=(200, 204, 404))
+        self.count(deletions=len(volumes) - len(errors))
+        return [vol for vol in volumes if vol in errors]
 
     def _finish_delete(self, rec: Record) -> None:
         left = tuple(self._drop(rec.key, rec.volumes))
@@ -245,8 +271,8 @@ class Rebalancer:
             return
         if move.copy_to:
             self._copy(rec, move.sources, move.copy_to)
-        if move.copy_to or move.sidecar_to:
-            self._sidecars(rec, move.copy_to + move.sidecar_to)
+        if move.sidecar_to:
+            self._sidecars(rec, move.sidecar_to)
         # the index names every copy that exists, then loses the unwanted ones
         interim = desired + move.drop
         if interim != rec.volumes:
@@ -404,7 +430,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if own_writer is not None:
             server, thread = own_writer
-            server.stopping = True
+            server.stop()
             thread.join(10)
     if stats.problems:
         print(f"mkv-rebalance: {len(stats.problems)} keys could not be put in place:",

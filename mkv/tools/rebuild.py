@@ -113,7 +113,7 @@ class Pipe:
             try:
                 self.conn.send(b"".join(self.conn.encode(Request("GET", p)) for p in todo))
                 for _ in todo:
-                    status, body, closing = self.conn.response()
+                    status, _, body, closing = self.conn.response()
                     results.append((status, body))
                     if closing:  # nginx drops the rest of the pipeline: resend it
                         self.close()
