@@ -17,6 +17,9 @@ from collections.abc import Iterable
 
 from mkv.volume import ShortWrite, VolumeError, VolumeStatus, VolumeTimeout, VolumeUnreachable
 
+# socket.recv(n) allocates n bytes first; keep n small (see mkv.writer.RECV_BYTES)
+RECV_BYTES = 1 << 16
+
 
 class Dropped(Exception):
     """The connection closed before a full answer arrived."""
@@ -84,7 +87,7 @@ class Connection:
 
     def _fill(self) -> None:
         assert self.sock is not None
-        data = self.sock.recv(1 << 18)
+        data = self.sock.recv(RECV_BYTES)
         if not data:
             raise Dropped("connection closed by the volume")
         if self.pos and self.pos >= len(self.buf) // 2:

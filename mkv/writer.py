@@ -35,6 +35,9 @@ _HEADER = struct.Struct("!I")
 #: Requests that change the index; anything else runs outside a transaction.
 WRITE_OPS = frozenset(("put", "state", "delete", "bulk"))
 MAX_FRAME = 64 << 20
+# socket.recv(n) allocates n bytes before it reads: a large n costs an mmap/munmap and
+# page faults on every call (16 us against 3 us for a 200-byte answer at 256 KiB).
+RECV_BYTES = 1 << 16
 
 
 class WriterError(Exception):
@@ -193,7 +196,7 @@ class WriterServer:
 
     def _read(self, conn: _Conn, batch: list[tuple[_Conn, dict]]) -> None:
         try:
-            data = conn.sock.recv(1 << 20)
+            data = conn.sock.recv(RECV_BYTES)
         except BlockingIOError:
             return
         except OSError:
@@ -425,7 +428,7 @@ class WriterClient:
                 if frames:
                     reply = frames[0]
                     break
-                data = sock.recv(1 << 16)
+                data = sock.recv(RECV_BYTES)
                 if not data:
                     raise OSError("writer closed the connection")
                 self._buf += data
