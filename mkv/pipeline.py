@@ -156,10 +156,12 @@ def _volume_error(volume: str, req: Request, exc: BaseException) -> VolumeError:
 
 
 class Pool:
-    """Idle connections per volume, shared by a worker's threads."""
+    """Idle connections per volume, shared by a worker's threads; at most `max_idle`
+    kept per volume (`put_stream` opens a new one each time, and those would pile up)."""
 
-    def __init__(self, timeout: float) -> None:
+    def __init__(self, timeout: float, max_idle: int = 32) -> None:
         self.timeout = timeout
+        self.max_idle = max_idle
         self._idle: dict[str, list[Connection]] = defaultdict(list)
         self._lock = threading.Lock()
 
@@ -171,10 +173,19 @@ class Pool:
         return Connection(volume, self.timeout)
 
     def give(self, conn: Connection) -> None:
-        if conn.sock is not None:
-            conn.reused = True
-            with self._lock:
-                self._idle[conn.volume].append(conn)
+        if conn.sock is None:
+            return
+        conn.reused = True
+        with self._lock:
+            idle = self._idle[conn.volume]
+            if len(idle) < self.max_idle:
+                idle.append(conn)
+                return
+        conn.close()
+
+    def idle(self, volume: str) -> int:
+        with self._lock:
+            return len(self._idle[volume])
 
     def exchange(self, work: dict[str, list[Request]], ok: tuple[int, ...] = (200, 201, 204)
                  ) -> dict[str, VolumeError]:

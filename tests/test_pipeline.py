@@ -138,3 +138,12 @@ def test_streamed_put_torn_by_its_source_or_short_leaves_no_file(volumes):
     # a refused volume is a VolumeError, not an OSError
     with pytest.raises(VolumeUnreachable):
         pool.put_stream(f"127.0.0.1:{free_port()}", "/ab/cd/v", iter([b"z"]), 1)
+
+
+def test_streamed_puts_do_not_pile_up_idle_connections(volumes):
+    pool = Pool(timeout=5, max_idle=3)
+    vol = volumes[0]
+    for i in range(10):
+        pool.put_stream(vol.address, f"/ab/cd/p{i}", iter([b"p" * 10]), 10)
+    assert pool.idle(vol.address) == 3
+    assert (vol.root / "ab/cd/p9").read_bytes() == b"p" * 10
