@@ -18,6 +18,7 @@ import http.client
 import http.server
 import json
 import os
+import re
 import socket
 import threading
 import time
@@ -805,15 +806,22 @@ def test_health_and_metrics(svc: MkvService, vols: list[NginxVolume]) -> None:
     assert len(doc["volumes"]) == 3
     assert {v["volume"] for v in doc["volumes"]} == {v.address for v in vols}
 
+    def requests_total() -> dict[tuple[str, str], float]:
+        r = requests.get(url(svc, "/-/metrics"), timeout=TIMEOUT)
+        assert r.status_code == 200
+        assert r.headers["Content-Type"].startswith("text/plain")
+        out = {}
+        for ln in r.text.splitlines():
+            if m := re.match(r'mkv_requests_total\{method="(\w+)",status="(\d+)"\} (\S+)$', ln):
+                out[m[1], m[2]] = float(m[3])
+        return out
+
+    before = requests_total()
     assert put(svc, "/metrics/key", b"m").status_code == 201
     for _ in range(3):
         get(svc, "/metrics/key")
     get(svc, "/metrics/missing")
-    r = requests.get(url(svc, "/-/metrics"), timeout=TIMEOUT)
-    assert r.status_code == 200
-    assert r.headers["Content-Type"].startswith("text/plain")
-    lines = [ln for ln in r.text.splitlines() if ln.startswith("mkv_requests_total{")]
-    assert lines, r.text[:2000]
-    assert any('method="GET"' in ln and 'status="302"' in ln for ln in lines), lines
-    assert any('method="PUT"' in ln and 'status="201"' in ln for ln in lines), lines
-    assert any('method="GET"' in ln and 'status="404"' in ln for ln in lines), lines
+    after = requests_total()
+    grown = {k: after.get(k, 0) - before.get(k, 0) for k in (("PUT", "201"), ("GET", "302"),
+                                                             ("GET", "404"))}
+    assert grown == {("PUT", "201"): 1, ("GET", "302"): 3, ("GET", "404"): 1}, (before, after)
