@@ -336,6 +336,8 @@ class WriterServer:
         checked = "expect_volumes" in req or req.get("guard") == "new"
         cur = index.read_record(self.db, key) if checked else None
         if "expect_volumes" in req and (cur is None or list(cur.volumes) != req["expect_volumes"]):
+            if cur == rec:  # a retried compare-and-set finds its own write: already done
+                return self._done(conn, req)
             raise WriterError("conflict", key)
         if req.get("guard") == "new" and cur is not None and cur.state is State.LIVE:
             if cur != rec:  # a retried PUT finds its own record: already done

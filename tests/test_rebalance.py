@@ -469,3 +469,31 @@ def test_a_copy_whose_sidecar_cannot_be_written_is_removed(make_volumes, make_se
     assert records(svc.db) == before
     for k in moving:  # the blob that did arrive is gone again: nothing names it
         assert not (b.root / blob_path(k)[1:]).exists()
+
+
+def test_service_writer_killed_mid_rebalance_loses_nothing(four, make_service):
+    svc = make_service(four[:3], replicas=3)
+    big = lambda k: value(k) * 200  # noqa: E731 - ~100-400 KB each
+    keys = KEYS[:150]
+    load(svc, keys, body=big)
+    # the service keeps running on its three volumes; the rebalance goes to four through
+    # the service's writer, which is SIGKILLed halfway (its supervisor restarts it)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mkv.tools.rebalance", "--volumes",
+         ",".join(v.address for v in four), "--db", svc.db, "--limit-rate", "4000000"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(2.5)
+    assert proc.poll() is None, "finished before the writer could be killed"
+    (writer,) = svc.pids("mkv.writer")
+    os.kill(writer, signal.SIGKILL)
+    _, err = proc.communicate(timeout=120)
+    # keys in flight wait for the restarted writer, re-take their locks and carry on
+    assert proc.returncode == 0, err
+    deadline = time.monotonic() + 10
+    while [p for p in svc.pids("mkv.writer") if p != writer] == [] and time.monotonic() < deadline:
+        time.sleep(0.1)
+    read_all(svc, keys, body=big)  # every key readable, through the restarted writer
+    svc.stop()
+    r = rebalance(svc, four)
+    assert r.returncode == 0, r.stderr
+    assert_clean(svc.db, four, four, 3)

@@ -93,8 +93,14 @@ def test_compare_and_set(writer):
     with pytest.raises(WriterError) as e:
         c.put(rec("/k", ("b:2",)), expect_volumes=("z:9",), keep_lock=True)
     assert e.value.code == "conflict"
-    c.put(rec("/k", ("b:2",)), expect_volumes=("a:1",))
+    c.put(rec("/k", ("b:2",)), expect_volumes=("a:1",), keep_lock=True)
     assert reader_of(db).get("/k").volumes == ("b:2",)
+    # the same compare-and-set again (a retry whose first answer was lost) is done already;
+    # another record in its place is still a conflict
+    c.put(rec("/k", ("b:2",)), expect_volumes=("a:1",), keep_lock=True)
+    with pytest.raises(WriterError) as e:
+        c.put(rec("/k", ("c:3",)), expect_volumes=("a:1",))
+    assert e.value.code == "conflict"
 
 
 def test_state_keep_lock_and_delete(writer):

@@ -254,9 +254,10 @@ class Rebalancer:
     def _finish_delete(self, rec: Record) -> None:
         left = tuple(self._drop(rec.key, rec.volumes))
         if left:
-            self.writer.put(dataclasses.replace(rec, volumes=left), expect_volumes=rec.volumes)
+            self.writer.put(dataclasses.replace(rec, volumes=left), expect_volumes=rec.volumes,
+                            retry=True)
             raise KeyProblem(f"pending delete: could not remove copies on {', '.join(left)}")
-        self.writer.delete(rec.key)
+        self.writer.delete(rec.key, retry=True)
         self.count(cleaned=1)
 
     def _move(self, rec: Record) -> None:
@@ -267,7 +268,7 @@ class Rebalancer:
         if move.lost:
             raise KeyProblem("no good copy on any recorded volume")
         if move.noop and rec.volumes == desired:
-            self.writer.unlock(rec.key)
+            self._unlock(rec.key)
             return
         if move.copy_to:
             self._copy(rec, move.sources, move.copy_to)
@@ -277,15 +278,16 @@ class Rebalancer:
         interim = desired + move.drop
         if interim != rec.volumes:
             self.writer.put(dataclasses.replace(rec, volumes=interim), expect_volumes=rec.volumes,
-                            keep_lock=True)
+                            keep_lock=True, retry=True)
         if move.drop:
             failed = self._drop(rec.key, move.drop)
             if failed:
-                self.writer.unlock(rec.key)
+                self._unlock(rec.key)
                 raise KeyProblem(f"could not delete the old copies on {', '.join(failed)}")
-            self.writer.put(dataclasses.replace(rec, volumes=desired), expect_volumes=interim)
+            self.writer.put(dataclasses.replace(rec, volumes=desired), expect_volumes=interim,
+                            retry=True)
         else:
-            self.writer.unlock(rec.key)
+            self._unlock(rec.key)
         self.count(moved=1)
 
     def process(self, key: str) -> bool:
@@ -300,7 +302,7 @@ class Rebalancer:
             return True
         try:
             if current is None:
-                self.writer.unlock(key)
+                self._unlock(key)
             elif current.state is State.DELETING:
                 self._finish_delete(current)
             else:
@@ -308,11 +310,16 @@ class Rebalancer:
         except (KeyProblem, WriterError, VolumeError) as exc:
             with self._stats_lock:
                 self.stats.problems[key] = str(exc)
-            try:
-                self.writer.unlock(key)
-            except WriterError:
-                self.writer.close()
+            self._unlock(key)
         return True
+
+    def _unlock(self, key: str) -> None:
+        """Release the key. A lock dies with its writer connection, so a writer that is
+        gone (or restarted) holds none: nothing to report."""
+        try:
+            self.writer.unlock(key)
+        except WriterError:
+            self.writer.close()
 
     # --- the walk ---
 
