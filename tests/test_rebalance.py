@@ -19,10 +19,13 @@ import apsw
 import pytest
 import requests
 
+from mkv import config
 from mkv.core import RateLimiter, rebalance_plan
 from mkv.index import Record, State
 from mkv.keys import blob_path, key_hash, sidecar_path
 from mkv.ring import Ring
+from mkv.tools.rebalance import LockLost, Rebalancer, add_arguments
+from mkv.writer import serve_in_thread
 from tests.cluster import NginxVolume
 from tests.service import MkvService
 
@@ -497,3 +500,27 @@ def test_service_writer_killed_mid_rebalance_loses_nothing(four, make_service):
     r = rebalance(svc, four)
     assert r.returncode == 0, r.stderr
     assert_clean(svc.db, four, four, 3)
+
+
+def test_no_copy_is_deleted_once_the_key_lock_died_with_its_writer(volumes, make_service):
+    svc = make_service(volumes, replicas=3)
+    load(svc, ["/held"])
+    svc.stop()
+    cfg, _ = config.load(["--volumes", ",".join(v.address for v in volumes), "--db", svc.db],
+                         prog="t", description="t", extend=add_arguments)
+    server, thread = serve_in_thread(cfg.db, cfg.writer_socket)
+    rb = Rebalancer(cfg, concurrency=1, limit_rate=0, verify=False)
+    rb.writer.lock("/held")
+    server.stop()  # the writer dies, and the lock with it; another one takes its place
+    thread.join(10)
+    server, thread = serve_in_thread(cfg.db, cfg.writer_socket)
+    try:
+        with pytest.raises(LockLost):
+            rb._drop("/held", (volumes[0].address,))
+        assert (volumes[0].root / blob_path("/held")[1:]).exists()
+        rb.writer.lock("/held")  # held again, on a new connection: now it may delete
+        assert rb._drop("/held", (volumes[0].address,)) == []
+        assert not (volumes[0].root / blob_path("/held")[1:]).exists()
+    finally:
+        server.stop()
+        thread.join(10)

@@ -13,6 +13,7 @@ finishes. Pending deletes are finished on the way.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import sys
@@ -46,6 +47,11 @@ class SourceFailed(UploadAborted):
 
 class KeyProblem(Exception):
     """This key could not be put in place; the message says why (reported, exit 1)."""
+
+
+class LockLost(KeyProblem):
+    """The writer restarted while the key was held, so a client may have written it
+    since: its copies are not deleted on the strength of what was read before."""
 
 
 @dataclasses.dataclass
@@ -218,7 +224,7 @@ class Rebalancer:
                 errors.append(f"{src}: {exc}")
                 continue
             except KeyProblem:
-                self._drop(rec.key, tuple(v for v in targets if v not in rec.volumes))
+                self._discard(rec, targets)
                 raise
             if digest is not None and digest.hexdigest() != rec.md5:
                 errors.append(f"{src}: md5 {digest.hexdigest()} != {rec.md5}")
@@ -229,8 +235,13 @@ class Rebalancer:
             else:
                 self._sidecars(rec, targets)
             return
-        self._drop(rec.key, tuple(v for v in targets if v not in rec.volumes))
+        self._discard(rec, targets)
         raise KeyProblem("no source could be copied: " + "; ".join(errors))
+
+    def _discard(self, rec: Record, targets: tuple[str, ...]) -> None:
+        """Remove what a failed copy left on volumes the record does not name."""
+        with contextlib.suppress(LockLost):
+            self._drop(rec.key, tuple(v for v in targets if v not in rec.volumes))
 
     @staticmethod
     def _sidecar(rec: Record) -> bytes:
@@ -245,7 +256,17 @@ class Rebalancer:
 
     def _drop(self, key: str, volumes: tuple[str, ...]) -> list[str]:
         """Delete copies (sidecar first, as VolumePool.remove_copy, pipelined on each
-        volume); the volumes where it failed."""
+        volume); the volumes where it failed. Only while the key's lock is still held:
+        a lock dies with the writer connection that holds it, so the connection is
+        checked first (a ping on it) and LockLost raised when it is gone."""
+        if not volumes:
+            return []
+        try:
+            self.writer.call(op="ping")
+        except WriterError as exc:
+            self.writer.close()
+            raise LockLost(f"the writer restarted while the key was held ({exc}); "
+                           "nothing deleted, run again") from exc
         both = [Request("DELETE", sidecar_path(key)), Request("DELETE", blob_path(key))]
         errors = self.pipes.exchange({vol: both for vol in volumes}, ok=(200, 204, 404))
         self.count(deletions=len(volumes) - len(errors))
