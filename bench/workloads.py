@@ -17,6 +17,7 @@ import hashlib
 import os
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -195,7 +196,11 @@ def interleaved(rounds: int, base: Callable[[int], dict], mkv: Callable[[int], d
     """`rounds` rounds of baseline and mkv, alternating which goes first.
 
     Reports the median round of each side by `metric` (of each of `parts`, when a
-    round measures several things), the ratio of the medians, and every round.
+    round measures several things), every round, and as the ratio the median of the
+    rounds' own ratios: each round's two runs are seconds apart, and on this shared
+    machine the speed of both sides swings by up to 3x over tens of seconds, so a
+    round compares like with like where the two medians may come from different
+    moments. The ratio of the medians is kept too ("ratio_of_medians").
     """
     runs: dict[str, list[dict]] = {"baseline": [], "mkv": []}
     for i in range(rounds):
@@ -203,15 +208,19 @@ def interleaved(rounds: int, base: Callable[[int], dict], mkv: Callable[[int], d
         for side, fn in order:
             runs[side].append(fn(i))
     out: dict = {"rounds": runs}
-    if not parts:
-        for side, rs in runs.items():
-            out[side] = median(rs, metric)
-        out["ratio"] = ratio(out["mkv"][metric], out["baseline"][metric])
-        return out
-    for side, rs in runs.items():
-        out[side] = {part: median([r[part] for r in rs], metric) for part in parts}
-    for part in parts:
-        out[f"{part}_ratio"] = ratio(out["mkv"][part][metric], out["baseline"][part][metric])
+    for part in parts or ("",):
+        def value(run: dict, part: str = part) -> float:
+            return (run[part] if part else run)[metric]
+        name = f"{part}_ratio" if part else "ratio"
+        out[name] = statistics.median(ratio(value(m), value(b))
+                                      for m, b in zip(runs["mkv"], runs["baseline"], strict=True))
+        if part:
+            for side, rs in runs.items():
+                out.setdefault(side, {})[part] = median([r[part] for r in rs], metric)
+        else:
+            for side, rs in runs.items():
+                out[side] = median(rs, metric)
+        out[f"{name}_of_medians"] = ratio(value(out["mkv"]), value(out["baseline"]))
     return out
 
 
