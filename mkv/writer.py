@@ -328,14 +328,17 @@ class WriterServer:
         return {"ok": True}, req["key"], 0
 
     def _op_put(self, conn: _Conn, req: dict) -> tuple[dict, str | None, int]:
-        """Write a record. `expect_volumes` makes it a compare-and-set (rebalance)."""
+        """Write a record. `expect` (a whole record) makes it a compare-and-set: written
+        only over exactly that record (rebalance); a retry that finds its own write is
+        done. Whole, not just the volumes: a client PUT that slipped in while a writer
+        restart dropped the lock may have the same volumes and other bytes."""
         key = req["key"]
         self._need_lock(conn, req)
         rec = Record(key, State(req.get("state", State.LIVE)), tuple(req["volumes"]),
                      int(req["size"]), str(req["md5"]), float(req.get("mtime") or time.time()))
-        checked = "expect_volumes" in req or req.get("guard") == "new"
+        checked = "expect" in req or req.get("guard") == "new"
         cur = index.read_record(self.db, key) if checked else None
-        if "expect_volumes" in req and (cur is None or list(cur.volumes) != req["expect_volumes"]):
+        if "expect" in req and cur != record_from_wire(req["expect"]):
             if cur == rec:  # a retried compare-and-set finds its own write: already done
                 return self._done(conn, req)
             raise WriterError("conflict", key)
@@ -353,7 +356,12 @@ class WriterServer:
         return self._done(conn, req)
 
     def _op_delete(self, conn: _Conn, req: dict) -> tuple[dict, str | None, int]:
+        """Delete a record; with `expect`, only exactly that one (gone already: done)."""
         self._need_lock(conn, req)
+        if "expect" in req:
+            cur = index.read_record(self.db, req["key"])
+            if cur is not None and cur != record_from_wire(req["expect"]):
+                raise WriterError("conflict", req["key"])
         index.write_delete(self.db, req["key"])
         return self._done(conn, req)
 
@@ -454,14 +462,15 @@ class WriterClient:
         self.call(op="unlock", key=key)
 
     def put(self, rec: Record, *, keep_lock: bool = False, retry: bool = False,
-            expect_volumes: tuple[str, ...] | None = None, new: bool = False) -> None:
+            expect: Record | None = None, new: bool = False) -> None:
         """Write `rec`. `new`: only if the key is not live (or is live as exactly `rec`,
-        which is what a retry after a lost answer finds)."""
+        which is what a retry after a lost answer finds). `expect`: only over exactly
+        that record (or, again, where `rec` is already)."""
         req: dict[str, Any] = {"op": "put", "key": rec.key, "state": int(rec.state),
                                "volumes": list(rec.volumes), "size": rec.size, "md5": rec.md5,
                                "mtime": rec.mtime, "keep_lock": keep_lock}
-        if expect_volumes is not None:
-            req["expect_volumes"] = list(expect_volumes)
+        if expect is not None:
+            req["expect"] = record_to_wire(expect)
         if new:
             req["guard"] = "new"
         self.call(retry=retry, **req)
@@ -470,8 +479,13 @@ class WriterClient:
                   retry: bool = False) -> None:
         self.call(op="state", key=key, state=int(state), keep_lock=keep_lock, retry=retry)
 
-    def delete(self, key: str, *, keep_lock: bool = False, retry: bool = False) -> None:
-        self.call(op="delete", key=key, keep_lock=keep_lock, retry=retry)
+    def delete(self, key: str, *, keep_lock: bool = False, retry: bool = False,
+               expect: Record | None = None) -> None:
+        """Delete the key's record; with `expect`, only if it is exactly that one."""
+        req: dict[str, Any] = {"op": "delete", "key": key, "keep_lock": keep_lock}
+        if expect is not None:
+            req["expect"] = record_to_wire(expect)
+        self.call(retry=retry, **req)
 
     def bulk(self, recs: list[Record]) -> int:
         return self.call(op="bulk", records=[record_to_wire(r) for r in recs])["count"]

@@ -1,5 +1,6 @@
 """The writer process's protocol, group commit and lock rules, over a real unix socket."""
 
+import dataclasses
 import os
 import signal
 import subprocess
@@ -91,16 +92,28 @@ def test_compare_and_set(writer):
     c.put(rec("/k", ("a:1",)))
     c.lock("/k")
     with pytest.raises(WriterError) as e:
-        c.put(rec("/k", ("b:2",)), expect_volumes=("z:9",), keep_lock=True)
+        c.put(rec("/k", ("b:2",)), expect=rec("/k", ("z:9",)), keep_lock=True)
     assert e.value.code == "conflict"
-    c.put(rec("/k", ("b:2",)), expect_volumes=("a:1",), keep_lock=True)
+    # the same volumes are not enough: the whole record must be the expected one
+    other = dataclasses.replace(rec("/k", ("a:1",)), md5="another value")
+    with pytest.raises(WriterError) as e:
+        c.put(rec("/k", ("b:2",)), expect=other, keep_lock=True)
+    assert e.value.code == "conflict"
+    c.put(rec("/k", ("b:2",)), expect=rec("/k", ("a:1",)), keep_lock=True)
     assert reader_of(db).get("/k").volumes == ("b:2",)
     # the same compare-and-set again (a retry whose first answer was lost) is done already;
     # another record in its place is still a conflict
-    c.put(rec("/k", ("b:2",)), expect_volumes=("a:1",), keep_lock=True)
+    c.put(rec("/k", ("b:2",)), expect=rec("/k", ("a:1",)), keep_lock=True)
     with pytest.raises(WriterError) as e:
-        c.put(rec("/k", ("c:3",)), expect_volumes=("a:1",))
+        c.put(rec("/k", ("c:3",)), expect=rec("/k", ("a:1",)), keep_lock=True)
     assert e.value.code == "conflict"
+    # a conditional delete: only exactly the expected record; already gone is done
+    with pytest.raises(WriterError) as e:
+        c.delete("/k", expect=rec("/k", ("a:1",)), keep_lock=True)
+    assert e.value.code == "conflict"
+    c.delete("/k", expect=rec("/k", ("b:2",)), keep_lock=True)
+    assert reader_of(db).get("/k") is None
+    c.delete("/k", expect=rec("/k", ("b:2",)))
 
 
 def test_state_keep_lock_and_delete(writer):

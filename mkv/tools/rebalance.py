@@ -232,8 +232,12 @@ class Rebalancer:
             self.count(copies=len(targets), bytes=rec.size * len(targets))
             if with_sidecars:
                 self.count(sidecars=len(targets))
-            else:
+                return
+            try:
                 self._sidecars(rec, targets)
+            except KeyProblem:
+                self._discard(rec, targets)
+                raise
             return
         self._discard(rec, targets)
         raise KeyProblem("no source could be copied: " + "; ".join(errors))
@@ -275,10 +279,9 @@ class Rebalancer:
     def _finish_delete(self, rec: Record) -> None:
         left = tuple(self._drop(rec.key, rec.volumes))
         if left:
-            self.writer.put(dataclasses.replace(rec, volumes=left), expect_volumes=rec.volumes,
-                            retry=True)
+            self.writer.put(dataclasses.replace(rec, volumes=left), expect=rec, retry=True)
             raise KeyProblem(f"pending delete: could not remove copies on {', '.join(left)}")
-        self.writer.delete(rec.key, retry=True)
+        self.writer.delete(rec.key, expect=rec, retry=True)
         self.count(cleaned=1)
 
     def _move(self, rec: Record) -> None:
@@ -298,15 +301,15 @@ class Rebalancer:
         # the index names every copy that exists, then loses the unwanted ones
         interim = desired + move.drop
         if interim != rec.volumes:
-            self.writer.put(dataclasses.replace(rec, volumes=interim), expect_volumes=rec.volumes,
-                            keep_lock=True, retry=True)
+            self.writer.put(dataclasses.replace(rec, volumes=interim), expect=rec, keep_lock=True,
+                            retry=True)
         if move.drop:
             failed = self._drop(rec.key, move.drop)
             if failed:
                 self._unlock(rec.key)
                 raise KeyProblem(f"could not delete the old copies on {', '.join(failed)}")
-            self.writer.put(dataclasses.replace(rec, volumes=desired), expect_volumes=interim,
-                            retry=True)
+            self.writer.put(dataclasses.replace(rec, volumes=desired),
+                            expect=dataclasses.replace(rec, volumes=interim), retry=True)
         else:
             self._unlock(rec.key)
         self.count(moved=1)
