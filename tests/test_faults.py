@@ -40,6 +40,13 @@ def wait_until(cond: Callable[[], object], timeout: float, what: str) -> float:
     return time.monotonic() - start
 
 
+def replaced(svc: MkvService, name: str, old_pid: int) -> bool:
+    """One new process named `name` runs in place of `old_pid` (one look at /proc: two
+    looks could straddle the moment the old one is reaped)."""
+    pids = svc.pids(name)
+    return len(pids) == 1 and pids[0] != old_pid
+
+
 def settle() -> None:
     """Let every worker's cached view of volume health (0.5 s) catch up."""
     time.sleep(HEALTH_CACHE_SECONDS + 0.1)
@@ -183,7 +190,7 @@ def test_writer_killed_during_32_concurrent_puts_loses_no_acknowledged_write(vol
         f.result()
     pool.shutdown()
 
-    wait_until(lambda: len(svc.pids("mkv.writer")) == 1 and svc.pids("mkv.writer")[0] != writer_pid,
+    wait_until(lambda: replaced(svc, "mkv.writer", writer_pid),
                10, "writer restarted")
     acknowledged = [k for k, s in results.items() if s == 201]
     assert len(acknowledged) > 50
@@ -336,8 +343,7 @@ def test_health_process_killed_is_restarted(volumes, make_service):
     wait_until(lambda: volume_status(svc, volumes[0].address) == "up", 10, "first probe")
     (health_pid,) = svc.pids("mkv.health")
     os.kill(health_pid, signal.SIGKILL)
-    wait_until(lambda: svc.pids("mkv.health") and svc.pids("mkv.health")[0] != health_pid, 10,
-               "health restarted")
+    wait_until(lambda: replaced(svc, "mkv.health", health_pid), 10, "health restarted")
 
     def checked() -> float:
         return requests.get(svc.url + "/-/health").json()["volumes"][0]["checked"]
