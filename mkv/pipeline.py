@@ -227,19 +227,23 @@ class Pool:
         then = then or []
         conn = Connection(volume, self.timeout)
         put = Request("PUT", path)
-        try:
+
+        def send(data: bytes) -> None:
             try:
-                conn.send(conn.head("PUT", path, length))
-                sent = 0
-                for chunk in chunks:
-                    conn.send(chunk)
-                    sent += len(chunk)
-                if sent != length:
-                    raise ShortWrite(volume, f"PUT {path}: sent {sent} of {length} bytes")
-                if then:
-                    conn.send(b"".join(conn.encode(r) for r in then))
+                conn.send(data)
             except OSError as exc:
                 raise _volume_error(volume, put, exc) from exc
+
+        try:
+            send(conn.head("PUT", path, length))
+            sent = 0
+            for chunk in chunks:
+                send(chunk)
+                sent += len(chunk)
+            if sent != length:
+                raise ShortWrite(volume, f"PUT {path}: sent {sent} of {length} bytes")
+            if then:
+                send(b"".join(conn.encode(r) for r in then))
             # not a reused connection, so only `then` can be resent, never the body
             self._finish(conn, [put, *then], (200, 201, 204))
         except BaseException:
