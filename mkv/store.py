@@ -15,6 +15,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 from mkv import core, index, metrics
 from mkv.config import Config
@@ -328,7 +329,10 @@ class Store:
                 raise KeyMissing(key)
             if verdict is Verdict.PROTECTED:
                 raise Protected(key)
-            self.writer.set_state(key, State.DELETING, keep_lock=True, retry=True)
+            # each step names the record it expects: a writer restart drops the lock, and a
+            # retry must not overwrite a PUT that another client made in that gap
+            deleting = self._expecting(key, self.writer.set_state, key, State.DELETING,
+                                       keep_lock=True, retry=True, expect=current)
             health = self.health()
             reachable = [v for v in current.volumes if core.usable(v, health)]
             failed = {e.volume for e in self._remove(key, reachable)}
@@ -336,12 +340,23 @@ class Store:
             if failed:
                 # stays DELETING, naming only the copies left: the health process finishes it
                 left = tuple(v for v in current.volumes if v in failed)
-                self.writer.put(dataclasses.replace(current, state=State.DELETING, volumes=left),
-                                retry=True)
+                self._expecting(key, self.writer.put, dataclasses.replace(deleting, volumes=left),
+                                retry=True, expect=deleting)
             else:
-                self.writer.delete(key, retry=True)
+                self._expecting(key, self.writer.delete, key, retry=True, expect=deleting)
         except BaseException:
             self._unlock(key)
+            raise
+
+    @staticmethod
+    def _expecting(key: str, op: Callable[..., Any], *args: object, **kw: object) -> Any:
+        """A compare-and-set writer call; a conflict means another client's write got in
+        while a writer restart had dropped this request's lock: 409, nothing overwritten."""
+        try:
+            return op(*args, **kw)
+        except WriterError as exc:
+            if exc.code == "conflict":
+                raise InFlight(key) from None
             raise
 
     def unlink(self, key: str) -> None:
@@ -354,7 +369,8 @@ class Store:
             # listed by ?unlinked), never brings an unlinked one back
             body = sidecar_body(key, current.size, current.md5, unlinked=True)
             self._small({v: [Request("PUT", sidecar_path(key), body)] for v in current.volumes})
-            self.writer.set_state(key, State.UNLINKED, retry=True)
+            self._expecting(key, self.writer.set_state, key, State.UNLINKED, retry=True,
+                            expect=current)
         except BaseException:
             self._unlock(key)
             raise

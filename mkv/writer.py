@@ -11,6 +11,7 @@ worker that dies releases its locks when the kernel closes its socket.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -350,10 +351,22 @@ class WriterServer:
         return self._done(conn, req)
 
     def _op_state(self, conn: _Conn, req: dict) -> tuple[dict, str | None, int]:
+        """Change a record's state (its mtime becomes now); the answer carries the new
+        record. With `expect`, only exactly that record's; a retry that finds the
+        change made (the same record in the new state, a newer mtime) is done."""
+        key, state = req["key"], State(req["state"])
         self._need_lock(conn, req)
-        if not index.write_state(self.db, req["key"], State(req["state"])):
-            raise WriterError("not_found", req["key"])
-        return self._done(conn, req)
+        if "expect" in req:
+            cur = index.read_record(self.db, key)
+            expected = record_from_wire(req["expect"])
+            if cur != expected:
+                if expected is None or cur is None or dataclasses.replace(
+                        cur, mtime=expected.mtime) != dataclasses.replace(expected, state=state):
+                    raise WriterError("conflict", key)
+                return self._done(conn, req, record=record_to_wire(cur))
+        if not index.write_state(self.db, key, state):
+            raise WriterError("not_found", key)
+        return self._done(conn, req, record=record_to_wire(index.read_record(self.db, key)))
 
     def _op_delete(self, conn: _Conn, req: dict) -> tuple[dict, str | None, int]:
         """Delete a record; with `expect`, only exactly that one (gone already: done)."""
@@ -476,8 +489,14 @@ class WriterClient:
         self.call(retry=retry, **req)
 
     def set_state(self, key: str, state: State, *, keep_lock: bool = False,
-                  retry: bool = False) -> None:
-        self.call(op="state", key=key, state=int(state), keep_lock=keep_lock, retry=retry)
+                  retry: bool = False, expect: Record | None = None) -> Record | None:
+        """Change the key's state; with `expect`, only if its record is exactly that.
+        Returns the record as changed (its mtime is the writer's)."""
+        req: dict[str, Any] = {"op": "state", "key": key, "state": int(state),
+                               "keep_lock": keep_lock}
+        if expect is not None:
+            req["expect"] = record_to_wire(expect)
+        return record_from_wire(self.call(retry=retry, **req)["record"])
 
     def delete(self, key: str, *, keep_lock: bool = False, retry: bool = False,
                expect: Record | None = None) -> None:

@@ -116,6 +116,24 @@ def test_compare_and_set(writer):
     c.delete("/k", expect=rec("/k", ("b:2",)))
 
 
+def test_state_change_expecting_a_record(writer):
+    db, sock, _ = writer
+    c = WriterClient(sock)
+    c.lock("/s")
+    c.put(rec("/s"), keep_lock=True)
+    with pytest.raises(WriterError) as e:  # someone else's record is there: not changed
+        c.set_state("/s", State.DELETING, expect=rec("/s", ("z:9",)), keep_lock=True)
+    assert e.value.code == "conflict"
+    assert reader_of(db).get("/s").state is State.LIVE
+    deleting = c.set_state("/s", State.DELETING, expect=rec("/s"), keep_lock=True)
+    assert deleting.state is State.DELETING and deleting.volumes == ("a:1",)
+    assert reader_of(db).get("/s") == deleting  # the answer is the record as written
+    # a retry whose first answer was lost finds the change made: done, same record
+    assert c.set_state("/s", State.DELETING, expect=rec("/s"), keep_lock=True) == deleting
+    c.delete("/s", expect=deleting)
+    assert reader_of(db).get("/s") is None
+
+
 def test_state_keep_lock_and_delete(writer):
     db, sock, _ = writer
     c = WriterClient(sock)
