@@ -436,7 +436,7 @@ def test_no_whole_source_reports_the_key_and_leaves_no_orphan(make_volumes, make
     torn = CuttingProxy(vols[0], limit=BIG // 2)
     try:
         svc = make_service([torn], replicas=1)
-        keys = [f"/orphan/{i}" for i in range(12)]
+        keys = [f"/orphan/{i}" for i in range(24)]
         load(svc, keys, body=big)
         svc.stop()
         before = records(svc.db)
@@ -458,7 +458,7 @@ def test_no_whole_source_reports_the_key_and_leaves_no_orphan(make_volumes, make
 def test_a_copy_whose_sidecar_cannot_be_written_is_removed(make_volumes, make_service):
     a, b = make_volumes(2)
     svc = make_service([a], replicas=1)
-    keys = [f"/side/{i}" for i in range(12)]
+    keys = [f"/side/{i}" for i in range(24)]
     load(svc, keys)
     svc.stop()
     before = records(svc.db)
