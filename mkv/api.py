@@ -1,4 +1,5 @@
-"""The HTTP API (minikeyvalue's contract) as a Falcon app.
+"""The HTTP API (minikeyvalue's contract) as a Falcon app, with key GET/HEAD
+answered in plain WSGI in front of it (FastReads: the bulk of the traffic).
 
 Handlers parse the request, call the Store (which calls the pure core), and
 map its typed errors to statuses in one table. Every error answer has a JSON
