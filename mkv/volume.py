@@ -98,13 +98,6 @@ class VolumePool:
         """DELETE a file; already gone (404) counts as done."""
         self._request(volume, "DELETE", path, ok=(200, 204, 404))
 
-    def size(self, volume: str, path: str) -> int | None:
-        """Size of a file by HEAD, or None when it does not exist."""
-        resp = self._request(volume, "HEAD", path, ok=(200, 404))
-        if resp.status == 404:
-            return None
-        return int(resp.headers.get("Content-Length", "0"))
-
     def stream(self, volume: str, path: str) -> urllib3.BaseHTTPResponse:
         """An open response to read in chunks; the caller must release it."""
         return self._request(volume, "GET", path, ok=(200,), preload=False)
