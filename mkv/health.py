@@ -24,6 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from mkv import index
 from mkv.index import HealthRow, State
+from mkv.pipeline import Pool
 from mkv.supervise import on_stop
 from mkv.volume import VolumeError, VolumePool
 from mkv.writer import KeyLocked, WriterClient, WriterError
@@ -100,6 +101,7 @@ class HealthChecker:
         self.conn = index.open_index(db)
         self.reader = index.Reader(self.conn)
         self.pool = VolumePool(timeout, maxsize=4)
+        self.pipes = Pool(timeout)  # pending-delete cleanup
         self.executor = ThreadPoolExecutor(max_workers=max(4, len(self.volumes)))
         self.writer = WriterClient(writer_socket, timeout=timeout * 5)
         self.states: dict[str, ProbeState] = {}
@@ -185,16 +187,12 @@ class HealthChecker:
                 if current is None or current.state is not State.DELETING:
                     self.writer.unlock(rec.key)
                     continue
-                left = []
-                for vol in current.volumes:
-                    try:
-                        self.pool.remove_copy(vol, rec.key)
-                    except VolumeError:
-                        left.append(vol)
+                failed = self.pipes.remove_copies(rec.key, current.volumes)
+                left = tuple(v for v in current.volumes if v in failed)
                 if left:
-                    self.writer.put(dataclasses.replace(current, volumes=tuple(left)))
+                    self.writer.put(dataclasses.replace(current, volumes=left), expect=current)
                 else:
-                    self.writer.delete(rec.key)
+                    self.writer.delete(rec.key, expect=current)
                     done += 1
             except WriterError:
                 self.writer.close()

@@ -15,6 +15,7 @@ import threading
 from collections import defaultdict
 from collections.abc import Iterable
 
+from mkv.keys import blob_path, sidecar_path
 from mkv.volume import ShortWrite, VolumeError, VolumeStatus, VolumeTimeout, VolumeUnreachable
 
 # socket.recv(n) allocates n bytes first; keep n small (see mkv.writer.RECV_BYTES)
@@ -214,6 +215,14 @@ class Pool:
                 out[vol] = exc
             self.give(conns[vol])
         return out
+
+    def remove_copies(self, key: str, volumes: Iterable[str]) -> dict[str, VolumeError]:
+        """Delete the key's copy on each volume, sidecar then blob (pipelined: nginx runs
+        them in order), all volumes at once; already gone counts as done. A copy half
+        removed is a lone blob or a lone sidecar, neither of which a rebuild takes.
+        The errors, by volume."""
+        both = [Request("DELETE", sidecar_path(key)), Request("DELETE", blob_path(key))]
+        return self.exchange({vol: both for vol in volumes}, ok=(200, 204, 404))
 
     def put_stream(self, volume: str, path: str, chunks: Iterable[bytes], length: int,
                    then: list[Request] | None = None) -> None:

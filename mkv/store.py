@@ -303,10 +303,9 @@ class Store:
         return errors
 
     def _remove(self, key: str, volumes: list[str] | tuple[str, ...]) -> list[VolumeError]:
-        """Remove the key's copies on these volumes: sidecar, then blob (a copy half
-        removed is a lone sidecar or a lone blob, neither of which a rebuild takes)."""
-        both = [Request("DELETE", sidecar_path(key)), Request("DELETE", blob_path(key))]
-        errors = self._small({vol: both for vol in volumes}, ok=(200, 204, 404))
+        """Remove the key's copies on these volumes (Pool.remove_copies)."""
+        errors = list(self.pipes.remove_copies(key, volumes).values())
+        self._blame(errors)
         for err in errors:
             log.warning("could not remove %r from %s: %s", key, err.volume, err.detail)
         return errors

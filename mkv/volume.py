@@ -20,8 +20,6 @@ from urllib3.exceptions import (
     ReadTimeoutError,
 )
 
-from mkv.keys import blob_path, sidecar_path
-
 
 class VolumeError(Exception):
     """A volume request failed. `volume` is the one to blame."""
@@ -94,19 +92,9 @@ class VolumePool:
         self._request(volume, "PUT", path, ok=(200, 201, 204), body=body,
                       headers={"Content-Length": str(length)})
 
-    def delete(self, volume: str, path: str) -> None:
-        """DELETE a file; already gone (404) counts as done."""
-        self._request(volume, "DELETE", path, ok=(200, 204, 404))
-
     def stream(self, volume: str, path: str) -> urllib3.BaseHTTPResponse:
         """An open response to read in chunks; the caller must release it."""
         return self._request(volume, "GET", path, ok=(200,), preload=False)
-
-    def remove_copy(self, volume: str, key: str) -> None:
-        """Delete a key's sidecar, then its blob: a half-removed copy is then an
-        unfinished write (a blob alone), never one a rebuild would bring back."""
-        self.delete(volume, sidecar_path(key))
-        self.delete(volume, blob_path(key))
 
     def ping(self, volume: str) -> None:
         """Cheapest request that proves the volume serves HTTP: nginx's /-/ping, no disk IO."""

@@ -259,10 +259,10 @@ class Rebalancer:
         self.count(sidecars=len(targets))
 
     def _drop(self, key: str, volumes: tuple[str, ...]) -> list[str]:
-        """Delete copies (sidecar first, as VolumePool.remove_copy, pipelined on each
-        volume); the volumes where it failed. Only while the key's lock is still held:
-        a lock dies with the writer connection that holds it, so the connection is
-        checked first (a ping on it) and LockLost raised when it is gone."""
+        """Delete copies (Pool.remove_copies); the volumes where it failed. Only while
+        the key's lock is still held: a lock dies with the writer connection that holds
+        it, so the connection is checked first (a ping on it) and LockLost raised when
+        it is gone."""
         if not volumes:
             return []
         try:
@@ -271,8 +271,7 @@ class Rebalancer:
             self.writer.close()
             raise LockLost(f"the writer restarted while the key was held ({exc}); "
                            "nothing deleted, run again") from exc
-        both = [Request("DELETE", sidecar_path(key)), Request("DELETE", blob_path(key))]
-        errors = self.pipes.exchange({vol: both for vol in volumes}, ok=(200, 204, 404))
+        errors = self.pipes.remove_copies(key, volumes)
         self.count(deletions=len(volumes) - len(errors))
         return [vol for vol in volumes if vol in errors]
 
