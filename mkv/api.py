@@ -83,8 +83,7 @@ JSON_TYPE: Headers = [("Content-Type", falcon.MEDIA_JSON)]
 
 
 def lookup(store: Store, key: str) -> tuple[str, Headers, bytes]:
-    """The answer to GET or HEAD of a key: (status, headers, body). One function for
-    the fast path and the framework's, so both answer alike."""
+    """The answer to GET or HEAD of a key: (status, headers, body)."""
     target, record = store.locate(key)
     if isinstance(target, core.Redirect):
         headers = [("Location", target.location)]
@@ -98,7 +97,8 @@ def lookup(store: Store, key: str) -> tuple[str, Headers, bytes]:
 
 
 class KeyResource:
-    """Every path that is not /-/...: keys and prefix listings."""
+    """Every path that is not /-/...: key writes and prefix listings. A GET or HEAD of
+    a key never gets here: FastReads answers it before the framework is called."""
 
     def __init__(self, cfg: Config, store: Callable[[], Store]) -> None:
         self.cfg = cfg
@@ -132,13 +132,6 @@ class KeyResource:
             return
         key = check_key(key, self.cfg.max_key_bytes)
         getattr(self, "_" + req.method.lower())(req, resp, key)
-
-    def _get(self, req: falcon.Request, resp: falcon.Response, key: str) -> None:
-        resp.status, headers, body = lookup(self.store(), key)
-        resp.set_headers(headers)
-        resp.data = body
-
-    _head = _get
 
     def _put(self, req: falcon.Request, resp: falcon.Response, key: str) -> None:
         if req.get_header("Transfer-Encoding") or req.content_length is None:
@@ -234,7 +227,7 @@ class FastReads:
     """GET and HEAD of a key, most of the traffic, answered in plain WSGI; everything
     else goes to the Falcon app. The framework's request and response objects cost
     more than the whole lookup (an index read, a health-cache check), so the read
-    path skips them; `lookup` keeps the answers identical."""
+    path skips them."""
 
     def __init__(self, cfg: Config, store: Callable[[], Store], app: falcon.App) -> None:
         self.cfg = cfg
