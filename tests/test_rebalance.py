@@ -524,3 +524,31 @@ def test_no_copy_is_deleted_once_the_key_lock_died_with_its_writer(volumes, make
     finally:
         server.stop()
         thread.join(10)
+
+
+def test_verify_replaces_a_corrupt_copy_of_the_right_size(volumes, make_service):
+    svc = make_service(volumes, replicas=3)
+    one, every = "/verify/one-bad-copy", "/verify/all-bad"
+    load(svc, [one, every])
+    svc.stop()
+
+    def corrupt(vol: NginxVolume, key: str) -> None:
+        blob = vol.root / blob_path(key)[1:]
+        data = bytearray(blob.read_bytes())
+        data[0] ^= 0xFF  # same size, other bytes: only an md5 tells
+        blob.write_bytes(bytes(data))
+
+    corrupt(volumes[0], one)
+    for vol in volumes:
+        corrupt(vol, every)
+    before = records(svc.db)
+    assert rebalance(svc, volumes).returncode == 0  # sizes alone look fine: nothing done
+    assert (volumes[0].root / blob_path(one)[1:]).read_bytes() != value(one)
+
+    r = rebalance(svc, volumes, "--verify")
+    assert r.returncode == 1
+    assert repr(every) in r.stderr and "no good copy" in r.stderr  # reported, left alone
+    assert repr(one) not in r.stderr
+    for vol in volumes:
+        assert (vol.root / blob_path(one)[1:]).read_bytes() == value(one)
+    assert records(svc.db) == before
