@@ -2,12 +2,15 @@
 
 Volumes are SIGKILLed nginx groups, the writer and workers are SIGKILLed inside a
 running `mkv serve`, and a "volume" that accepts connections but never answers is
-a plain socket. Health settings are fast so the tests are short.
+a plain socket; the gap a writer restart opens under a held lock is made by cutting
+one writer connection. Health settings are fast so the tests are short.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import io
 import os
 import signal
 import socket
@@ -18,11 +21,16 @@ from concurrent.futures import ThreadPoolExecutor
 from urllib.parse import quote
 
 import apsw
+import pytest
 import requests
 
-from mkv.index import State
+from mkv import index
+from mkv.config import Config
+from mkv.index import Reader, Record, State
 from mkv.keys import blob_path, sidecar_path
-from mkv.store import HEALTH_CACHE_SECONDS
+from mkv.store import HEALTH_CACHE_SECONDS, InFlight, Store
+from mkv.volume import VolumePool
+from mkv.writer import KeyLocked, WriterClient, serve_in_thread
 from tests.cluster import NginxVolume
 from tests.service import MkvService
 
@@ -367,3 +375,42 @@ def test_health_process_stays_down_means_unknown_not_down(volumes, make_service)
         assert put(svc, "/stale2", b"x").status_code == 201
     finally:
         os.kill(health_pid, signal.SIGCONT)
+
+
+def test_a_delete_whose_lock_died_with_the_writer_connection_spares_a_newer_put(volumes, tmp_path):
+    """The gap a writer restart opens: the DELETE's lock is gone, another client writes
+    the key, and the DELETE's retried last step must not remove that client's record."""
+    cfg = Config(volumes=tuple(v.address for v in volumes), db=str(tmp_path / "i.db"), replicas=3)
+    server, thread = serve_in_thread(cfg.db, cfg.writer_socket)
+    try:
+        store = Store(cfg, Reader(lambda: index.connect(cfg.db)), VolumePool(cfg.volume_timeout),
+                      lambda: WriterClient(cfg.writer_socket, timeout=5))
+        body = b"first value"
+        store.put("/gap", len(body), io.BytesIO(body).read, None)
+        other = WriterClient(cfg.writer_socket)
+        newer: list[Record] = []
+        health = store.health
+
+        def gap() -> dict:
+            # the DELETE holds the key (DELETING) when its writer connection dies...
+            store.writer._sock.shutdown(socket.SHUT_RDWR)
+            deadline = time.monotonic() + 5
+            while True:  # ...the writer drops its locks; another client re-puts the key
+                try:
+                    current = other.lock("/gap")
+                    break
+                except KeyLocked:
+                    assert time.monotonic() < deadline
+                    time.sleep(0.01)
+            assert current.state is State.DELETING
+            newer.append(dataclasses.replace(current, state=State.LIVE, md5="newer", mtime=2.0))
+            other.put(newer[0])
+            return health()
+
+        store.health = gap
+        with pytest.raises(InFlight):
+            store.delete("/gap")
+        assert Reader(lambda: index.connect(cfg.db)).get("/gap") == newer[0]
+    finally:
+        server.stop()
+        thread.join(10)
