@@ -135,8 +135,9 @@ class Rebalancer:
                 if side.status == 200:
                     sidecar.add(vol)
         if self.verify and rec.md5 and good:
-            checked = list(self.executor.map(lambda v: self._md5_of(v, rec.key), sorted(good)))
-            good = {v for v, md5 in zip(sorted(good), checked, strict=True) if md5 == rec.md5}
+            md5s = dict(zip(good, self.executor.map(lambda v: self._md5_of(v, rec.key), good),
+                            strict=True))
+            good = {v for v, md5 in md5s.items() if md5 == rec.md5}
             sidecar &= good
         return good, sidecar
 
