@@ -1,10 +1,13 @@
 """Pipelined HTTP/1.1 to nginx volumes over kept-alive sockets.
 
-For the hot paths where urllib3's per-request cost dominates: a small PUT sends
-its blob and sidecar requests to a volume in one write and reads both answers,
-and rebuild sends dozens of GETs back to back. nginx answers pipelined requests
-in order, so a sidecar is still written only after its blob is complete.
-Only what nginx speaks is parsed: Content-Length or chunked bodies.
+For the requests where urllib3's per-request cost dominates: a small PUT sends
+its blob and sidecar to a volume in one write and reads both answers; sidecars,
+copy removals (sidecar then blob) and the rebalance's HEAD checks go to every
+volume at once without a thread each; a copied blob is followed by its sidecar on
+the same connection; rebuild sends dozens of GETs back to back. nginx answers
+pipelined requests in order, so a sidecar is still written only after its blob is
+complete. Only what nginx speaks is parsed: Content-Length or chunked bodies
+(none after a HEAD).
 """
 
 from __future__ import annotations
