@@ -12,8 +12,6 @@ and the ratio measures what mkv's request handling costs on top of gunicorn itse
 from __future__ import annotations
 
 import argparse
-import os
-import shutil
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -66,12 +64,7 @@ def main() -> None:
     p.add_argument("--workers", type=int, required=True)
     p.add_argument("--threads", type=int, required=True)
     args = p.parse_args()
-    try:
-        BaselineApplication(settings(args.port, args.workers, args.threads)).run()
-    finally:
-        # importing mkv.server made a metrics directory for mkv's workers; not ours to keep
-        if os.environ.pop("MKV_OWN_METRICS_DIR", None):
-            shutil.rmtree(os.environ.pop("PROMETHEUS_MULTIPROC_DIR", ""), ignore_errors=True)
+    BaselineApplication(settings(args.port, args.workers, args.threads)).run()
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ stops it after the workers have drained.
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import shutil
@@ -23,10 +24,19 @@ from gunicorn.config import Config as GunicornConfig
 
 def _share_metrics_between_workers() -> None:
     """prometheus_client picks its storage when first imported, so the multiprocess
-    directory must be in the environment before anything imports mkv.metrics."""
-    if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="mkv-metrics-")
-        os.environ["MKV_OWN_METRICS_DIR"] = "1"
+    directory must be in the environment before anything imports mkv.metrics. The
+    directory belongs to the process that made it and goes when that process exits
+    (any exit but SIGKILL); the workers it forks inherit the hook and leave it alone."""
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        return
+    path = os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="mkv-metrics-")
+    owner = os.getpid()
+
+    def remove() -> None:
+        if os.getpid() == owner:
+            shutil.rmtree(path, ignore_errors=True)
+
+    atexit.register(remove)
 
 
 _share_metrics_between_workers()
@@ -135,8 +145,6 @@ def on_exit(server: Any) -> None:
     """Master, after the workers are gone: stop the health process and the writer."""
     if _supervisor is not None:
         _supervisor.stop()
-    if os.environ.pop("MKV_OWN_METRICS_DIR", None):
-        shutil.rmtree(os.environ.pop("PROMETHEUS_MULTIPROC_DIR", ""), ignore_errors=True)
 
 
 def gunicorn_settings(cfg: Config) -> dict[str, Any]:

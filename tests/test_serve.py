@@ -119,3 +119,35 @@ def test_writer_and_health_stop_when_the_master_is_killed(volumes, make_service)
     while any(alive(p) for p in children) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not any(alive(p) for p in children), "orphaned writer or health process"
+
+
+def metrics_dirs(tmp) -> list[str]:
+    return sorted(p.name for p in tmp.glob("mkv-metrics-*"))
+
+
+def test_the_metrics_directory_goes_with_the_process_that_made_it(volumes, make_service, tmp_path):
+    """Workers share prometheus values through a temporary directory that the master
+    makes; stopping the service removes it, and so does any other process that imports
+    the service (the bench's baseline, tools), while a worker's exit does not."""
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    svc = make_service(volumes, env={"TMPDIR": str(tmp)})
+    roundtrip(svc.url, "/metrics-dir")
+    assert len(metrics_dirs(tmp)) == 1
+    workers = [p for p in svc.pids("mkv serve") if p != svc.proc.pid]
+    os.kill(workers[0], signal.SIGTERM)  # the master starts another; the directory stays
+    deadline = time.monotonic() + 20
+    while workers[0] in svc.pids("mkv serve") and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert len(metrics_dirs(tmp)) == 1
+    assert "mkv_requests_total" in requests.get(svc.url + "/-/metrics", timeout=5).text
+    assert svc.stop() == 0
+    assert metrics_dirs(tmp) == []
+
+    env = {**os.environ, "TMPDIR": str(tmp)}
+    env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+    made = subprocess.run([sys.executable, "-c", "import os, mkv.server; "
+                           "print(os.environ['PROMETHEUS_MULTIPROC_DIR'])"],
+                          env=env, capture_output=True, text=True, check=True).stdout.strip()
+    assert made.startswith(str(tmp))
+    assert metrics_dirs(tmp) == []
