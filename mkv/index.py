@@ -14,10 +14,14 @@ import enum
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
+from typing import TYPE_CHECKING
 
 import apsw
 
 from mkv.keys import next_prefix
+
+if TYPE_CHECKING:
+    from mkv.freshness import RecordCache
 
 SCHEMA_VERSION = 1
 
@@ -131,7 +135,9 @@ class Reader:
     thread that holds the lock while it waits for the GIL.
     """
 
-    def __init__(self, source: apsw.Connection | Callable[[], apsw.Connection]) -> None:
+    def __init__(self, source: apsw.Connection | Callable[[], apsw.Connection],
+                 cache: RecordCache | None = None) -> None:
+        self.cache = cache
         if isinstance(source, apsw.Connection):
             self._shared: apsw.Connection | None = source
             self._lock: contextlib.AbstractContextManager = threading.Lock()
@@ -151,6 +157,12 @@ class Reader:
         return conn
 
     def get(self, key: str) -> Record | None:
+        """The key's record; through the cache when there is one (mkv.freshness)."""
+        if self.cache is not None:
+            return self.cache.get(key, self._read)
+        return self._read(key)
+
+    def _read(self, key: str) -> Record | None:
         with self._lock:
             row = self.conn.execute(f"SELECT {_COLUMNS} FROM keys WHERE key=?", (key,)).fetchone()
         return _record(row) if row else None

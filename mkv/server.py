@@ -44,6 +44,7 @@ _share_metrics_between_workers()
 from mkv import config as config_mod
 from mkv import index, metrics
 from mkv.config import Config
+from mkv.freshness import ChangeCount, RecordCache
 from mkv.health import FailureReporter, health_socket_path
 from mkv.store import Store
 from mkv.supervise import Child, Supervisor
@@ -54,6 +55,7 @@ log = logging.getLogger("mkv.server")
 
 _config: Config | None = None
 _supervisor: Supervisor | None = None
+_changes: ChangeCount | None = None
 
 
 def set_config(cfg: Config) -> None:
@@ -92,7 +94,8 @@ def worker_store() -> Store:
         with _store_lock:
             if _store is None:
                 cfg = get_config()
-                reader = index.Reader(lambda: index.connect(cfg.db, synchronous=cfg.synchronous))
+                reader = index.Reader(lambda: index.connect(cfg.db, synchronous=cfg.synchronous),
+                                      RecordCache(_changes) if _changes is not None else None)
                 pool = VolumePool(cfg.volume_timeout, maxsize=cfg.threads * 2)
                 _store = Store(cfg, reader, pool,
                                lambda: WriterClient(cfg.writer_socket, timeout=cfg.volume_timeout * 3),
@@ -103,13 +106,15 @@ def worker_store() -> Store:
 # --- hooks -----------------------------------------------------------------------------
 
 
-def children(cfg: Config) -> list[Child]:
+def children(cfg: Config, changes: ChangeCount) -> list[Child]:
     """The processes `mkv serve` runs beside the workers: writer first, then health."""
     py = [sys.executable, "-m"]
     me = ["--parent", str(os.getpid())]
     writer = Child("writer", [*py, "mkv.writer", "--db", cfg.db, "--socket", cfg.writer_socket,
-                              "--synchronous", cfg.synchronous, "--log-level", cfg.log_level, *me],
-                   ready=lambda: wait_ready(cfg.writer_socket, timeout=15))
+                              "--synchronous", cfg.synchronous, "--log-level", cfg.log_level,
+                              "--changes-fd", str(changes.fd), *me],
+                   ready=lambda: wait_ready(cfg.writer_socket, timeout=15),
+                   pass_fds=(changes.fd,))
     health = Child("health", [*py, "mkv.health", "--db", cfg.db, "--volumes", ",".join(cfg.volumes),
                               "--writer-socket", cfg.writer_socket,
                               "--interval", str(cfg.health_interval),
@@ -122,8 +127,9 @@ def children(cfg: Config) -> list[Child]:
 
 def on_starting(server: Any) -> None:
     """Master, before forking workers: start and supervise the writer and health processes."""
-    global _supervisor
-    _supervisor = Supervisor(children(get_config()))
+    global _supervisor, _changes
+    _changes = ChangeCount.create()  # the workers inherit it when they are forked
+    _supervisor = Supervisor(children(get_config(), _changes))
     _supervisor.start()
 
 

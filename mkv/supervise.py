@@ -46,17 +46,19 @@ def on_stop(stop: Callable[[], None], parent: int = 0, poll: float = 0.5) -> Non
 class Child:
     """One supervised process: how to start it, and how to tell it is ready."""
 
-    def __init__(self, name: str, argv: list[str], ready: Callable[[], None] | None = None) -> None:
+    def __init__(self, name: str, argv: list[str], ready: Callable[[], None] | None = None,
+                 pass_fds: tuple[int, ...] = ()) -> None:
         self.name = name
         self.argv = argv
         self.ready = ready
+        self.pass_fds = pass_fds
         self.proc: subprocess.Popen | None = None
         self.restarts = 0
 
     def start(self) -> None:
         # its own process group: a terminal's Ctrl-C reaches the master and its workers,
         # and the master stops this child in order once the workers have drained
-        self.proc = subprocess.Popen(self.argv, process_group=0)
+        self.proc = subprocess.Popen(self.argv, process_group=0, pass_fds=self.pass_fds)
         if self.ready is not None:
             try:
                 self.ready()

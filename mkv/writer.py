@@ -27,6 +27,7 @@ from typing import Any
 import apsw
 
 from mkv import index
+from mkv.freshness import ChangeCount
 from mkv.index import Record, State
 from mkv.supervise import on_stop
 
@@ -117,8 +118,14 @@ _WAKE = object()
 class WriterServer:
     """Selector loop + group commit. Not thread-safe: one thread runs `serve`."""
 
-    def __init__(self, db_path: str, socket_path: str, synchronous: str = "NORMAL") -> None:
+    def __init__(self, db_path: str, socket_path: str, synchronous: str = "NORMAL",
+                 changes: ChangeCount | None = None) -> None:
         self.db = index.open_index(db_path, synchronous=synchronous)
+        # the workers' record caches (mkv.freshness): counted once now, for a commit
+        # that a killed predecessor made but had not counted yet
+        self.changes = changes
+        if changes is not None:
+            changes.bump()
         self.socket_path = socket_path
         self.locks: dict[str, _Conn] = {}
         self.sel = selectors.DefaultSelector()
@@ -256,6 +263,8 @@ class WriterServer:
             if writes:
                 self.commits += 1
                 self.committed_ops += writes
+        if transact and self.changes is not None:
+            self.changes.bump()  # before any reply: a client told "done" never reads older
         for conn, key in releases:
             self._release(conn, key)
         for conn, reply in replies:
@@ -539,11 +548,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--synchronous", default="NORMAL")
     parser.add_argument("--log-level", default="info")
     parser.add_argument("--parent", type=int, default=0, help="supervising master's pid")
+    parser.add_argument("--changes-fd", type=int, default=-1,
+                        help="the workers' shared change count (mkv.freshness), if any")
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s [%(process)d] [writer] %(levelname)s %(message)s")
     try:
-        server = WriterServer(args.db, args.socket, args.synchronous)
+        changes = ChangeCount(args.changes_fd) if args.changes_fd >= 0 else None
+        server = WriterServer(args.db, args.socket, args.synchronous, changes)
     except (WriterError, apsw.Error, OSError) as exc:
         log.error("cannot start: %s", exc)
         return 1
