@@ -48,10 +48,13 @@ def main() -> None:
     p.add_argument("--seconds", type=float, default=5)
     p.add_argument("--connections", type=int, default=32)
     p.add_argument("--value-bytes", type=int, default=1024)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--threads", type=int, default=16)
     args = p.parse_args()
     with tempfile.TemporaryDirectory(prefix="mkv-bench-cpu-") as d:
         vols = [NginxVolume.start(Path(d) / f"vol{i}") for i in range(3)]
-        svc = MkvService(Path(d) / "svc", [v.address for v in vols], replicas=3)
+        svc = MkvService(Path(d) / "svc", [v.address for v in vols], replicas=3,
+                         workers=args.workers, extra=["--threads", str(args.threads)])
         try:
             svc.start()
             script, env, url = "", {}, svc.url + "/missing/key"
