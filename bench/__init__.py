@@ -9,5 +9,7 @@ report     table, JSON and chart
 memory     RSS of every mkv process during one large PUT
 writer     group commit of the writer process under concurrent writers
 profile    py-spy on the service under wrk load
+cpu        CPU per request of each process (workers, writer, nginx) under wrk load
+floor      mkv's own CPU per operation in one thread, nothing else running
 rebuild    mkv-rebuild speed
 """
