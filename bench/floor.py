@@ -91,20 +91,48 @@ def measure(cfg: Config, changes: ChangeCount, n: int, big: int) -> list[tuple[s
         return plain.writer.unlock(f"/floor/lock/{i}")
 
     cpu_per_op(200, put(plain, "/floor/warm", small))
-    out = [("PUT 1 KiB, all of Store.put", cpu_per_op(n, put(plain, "/floor/small", small))),
-           ("  its volume requests: blob + sidecar pipelined to 3 volumes", cpu_per_op(n, pipelined)),
-           ("  a writer round trip pair (lock + unlock)", cpu_per_op(n, writer_pair)),
-           ("PUT 4 MiB, all of Store.put (md5 on, the default)",
+    def md5(i: int) -> object:
+        return hashlib.md5(large, usedforsecurity=False).digest()
+
+    out = [("PUT 1 KiB: all of Store.put", cpu_per_op(n, put(plain, "/floor/small", small))),
+           ("PUT 1 KiB: its volume requests (blob + sidecar, pipelined, 3 volumes)",
+            cpu_per_op(n, pipelined)),
+           ("PUT 1 KiB: a writer round trip pair (lock + unlock)", cpu_per_op(n, writer_pair)),
+           ("PUT 4 MiB: all of Store.put (md5 on, the default)",
             cpu_per_op(big, put(plain, "/floor/big", large))),
-           ("PUT 4 MiB with --md5 false", cpu_per_op(big, put(no_md5, "/floor/nomd5", large))),
-           ("  md5 of 4 MiB", cpu_per_op(big, lambda i: hashlib.md5(large, usedforsecurity=False).digest()))]
+           ("PUT 4 MiB: all of Store.put with --md5 false",
+            cpu_per_op(big, put(no_md5, "/floor/nomd5", large))),
+           ("PUT 4 MiB: md5 of the value", cpu_per_op(big, md5))]
     keys = [f"/floor/small/{i}" for i in range(n)]
-    for name, s in (("index read", plain), ("record cache", cached)):
+    for name, s in (("index read", plain), ("the record cache", cached)):
         cpu_per_op(n, lambda i, s=s: s.locate(keys[i]))  # opens the connection, fills the cache
-        out.append((f"GET lookup, {name}, 1 thread", cpu_per_op(n, lambda i, s=s: s.locate(keys[i]))))
-        out.append((f"GET lookup, {name}, 16 threads at once",
+        out.append((f"GET: lookup by {name}, 1 thread", cpu_per_op(n, lambda i, s=s: s.locate(keys[i]))))
+        out.append((f"GET: lookup by {name}, 16 threads at once",
                     threaded(16, n, lambda i, s=s: s.locate(keys[i % len(keys)]))))
     return out
+
+
+def run(n: int, big: int, workdir: Path) -> list[tuple[str, float]]:
+    """Start three nginx volumes and a writer under `workdir`, measure, stop them:
+    (what, CPU seconds per operation) in the order printed."""
+    vols = [NginxVolume.start(workdir / f"vol{i}") for i in range(3)]
+    cfg = Config(volumes=tuple(v.address for v in vols), db=str(workdir / "index.db"), replicas=3)
+    changes = ChangeCount.create()
+    writer = subprocess.Popen([sys.executable, "-m", "mkv.writer", "--db", cfg.db,
+                               "--socket", cfg.writer_socket, "--log-level", "warning",
+                               "--changes-fd", str(changes.fd)], pass_fds=(changes.fd,))
+    try:
+        wait_ready(cfg.writer_socket)
+        return measure(cfg, changes, n, big)
+    finally:
+        writer.terminate()
+        writer.wait()
+        for v in vols:
+            v.stop()
+
+
+def figure(secs: float) -> str:
+    return f"{secs * 1e3:.2f} ms" if secs >= 1e-3 else f"{secs * 1e6:.1f} µs"
 
 
 def main() -> None:
@@ -113,24 +141,10 @@ def main() -> None:
     p.add_argument("--big", type=int, default=40, help="4 MiB PUTs per figure")
     args = p.parse_args()
     with tempfile.TemporaryDirectory(prefix="mkv-bench-floor-") as d:
-        vols = [NginxVolume.start(Path(d) / f"vol{i}") for i in range(3)]
-        cfg = Config(volumes=tuple(v.address for v in vols), db=str(Path(d) / "index.db"), replicas=3)
-        changes = ChangeCount.create()
-        writer = subprocess.Popen([sys.executable, "-m", "mkv.writer", "--db", cfg.db,
-                                   "--socket", cfg.writer_socket, "--log-level", "warning",
-                                   "--changes-fd", str(changes.fd)], pass_fds=(changes.fd,))
-        try:
-            wait_ready(cfg.writer_socket)
-            rows = measure(cfg, changes, args.n, args.big)
-        finally:
-            writer.terminate()
-            writer.wait()
-            for v in vols:
-                v.stop()
+        rows = run(args.n, args.big, Path(d))
     print("mkv's own CPU per operation, one process, nothing else running:")
     for name, secs in rows:
-        figure = f"{secs * 1e3:8.2f} ms" if secs >= 1e-3 else f"{secs * 1e6:8.1f} µs"
-        print(f"  {figure}  {name}")
+        print(f"  {figure(secs):>10}  {name}")
 
 
 if __name__ == "__main__":

@@ -125,6 +125,19 @@ def markdown(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
+def floor_markdown(res: dict) -> str:
+    """The floor under the ratios (bench.floor): mkv's own CPU, one thread, no contention."""
+    if "floor" not in res:
+        return ""
+    lines = ["", "", "mkv's own CPU per operation, in one thread with nothing else running "
+             "(`python -m bench.floor`):", "", "| operation | CPU |", "|---|---|"]
+    for row in res["floor"]:
+        us = row["cpu_us"]
+        lines.append(f"| {row['what']} | {us / 1e3:.2f} ms |" if us >= 1000
+                     else f"| {row['what']} | {us:.1f} µs |")
+    return "\n".join(lines)
+
+
 def have_matplotlib() -> bool:
     """The chart needs matplotlib (the `bench` extra); without it the rest still runs."""
     try:
@@ -234,7 +247,7 @@ def write(res: dict) -> tuple[str, Path | None]:
     stamp = res["meta"]["started"].replace(":", "").replace("-", "")
     (RESULTS / f"{stamp}-{res['meta']['mode']}.json").write_text(text)
     (RESULTS / "latest.json").write_text(text)
-    table = markdown(rows)
+    table = markdown(rows) + floor_markdown(res)
     (RESULTS / "latest.md").write_text(table + "\n")
     if not have_matplotlib():
         return table, None

@@ -21,12 +21,13 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from bench import memory, report, workloads, wrk
+from bench import floor, memory, report, workloads, wrk
 from bench import writer as writer_bench
 from bench.workloads import KIB, MIB, Cluster, Settings
 from mkv.config import Config
 
-STEPS = ("get_hit", "get_miss", "put_small", "writer_service", "big", "writer_direct", "memory")
+STEPS = ("get_hit", "get_miss", "put_small", "writer_service", "big", "writer_direct", "memory",
+         "floor")
 
 
 def settings(full: bool, workers: int, threads: int) -> Settings:
@@ -83,6 +84,10 @@ def run_steps(work: Path, s: Settings, only: set[str], res: dict) -> None:
     if "memory" in only:
         res["memory"] = step(f"RSS during a {s.memory_mib} MiB PUT",
                              lambda: memory.measure(s.memory_mib, work / "memory"))
+    if "floor" in only:
+        res["floor"] = step("mkv's own CPU, one thread", lambda: [
+            {"what": what, "cpu_us": secs * 1e6}
+            for what, secs in floor.run(2000, 40, work / "floor")])
 
 
 def main() -> int:
