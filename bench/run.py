@@ -32,8 +32,8 @@ STEPS = ("get_hit", "get_miss", "put_small", "writer_service", "big", "writer_di
 
 def settings(full: bool, workers: int, threads: int) -> Settings:
     if full:
-        return Settings(full=True, seconds=6, rounds=5, big_rounds=3, warmup=2,
-                        workers=workers, threads=threads, put_sizes=(KIB, 64 * KIB),
+        return Settings(full=True, seconds=6, rounds=5, big_rounds=3, warmup=2, get_rounds=15,
+                        get_seconds=3, workers=workers, threads=threads, put_sizes=(KIB, 64 * KIB),
                         big_sizes=(MIB, 4 * MIB, 16 * MIB), big_bytes_cap=8 << 30, memory_mib=1024)
     return Settings(full=False, seconds=2, rounds=5, big_rounds=3, warmup=1,
                     workers=workers, threads=threads)
