@@ -49,7 +49,8 @@ class MkvService:
 
     def start(self, timeout: float = 20.0) -> MkvService:
         self.port = free_port()
-        env = {**os.environ, **self.env}
+        # temporary files (the metrics directory) in the workdir: a killed master's stay there
+        env = {**os.environ, "TMPDIR": str(self.workdir), **self.env}
         env.pop("PROMETHEUS_MULTIPROC_DIR", None)
         with self.log.open("ab") as log:
             self.proc = subprocess.Popen(self.args(), stdout=log, stderr=log,

@@ -134,11 +134,20 @@ def test_the_metrics_directory_goes_with_the_process_that_made_it(volumes, make_
     svc = make_service(volumes, env={"TMPDIR": str(tmp)})
     roundtrip(svc.url, "/metrics-dir")
     assert len(metrics_dirs(tmp)) == 1
+    deadline = time.monotonic() + 20
+    while len(svc.pids("mkv serve")) < 3 and time.monotonic() < deadline:
+        time.sleep(0.1)  # the second worker may still be booting
     workers = [p for p in svc.pids("mkv serve") if p != svc.proc.pid]
     os.kill(workers[0], signal.SIGTERM)  # the master starts another; the directory stays
+
+    def replaced() -> bool:
+        pids = svc.pids("mkv serve")
+        return workers[0] not in pids and len(pids) == 3
+
     deadline = time.monotonic() + 20
-    while workers[0] in svc.pids("mkv serve") and time.monotonic() < deadline:
+    while not replaced() and time.monotonic() < deadline:
         time.sleep(0.1)
+    assert replaced()
     assert len(metrics_dirs(tmp)) == 1
     assert "mkv_requests_total" in requests.get(svc.url + "/-/metrics", timeout=5).text
     assert svc.stop() == 0
