@@ -156,3 +156,14 @@ def test_a_restarted_writer_still_counts_commits(volumes, make_service):
     assert answers(url) == {(302, md5_of(b"v1"))}
     assert requests.delete(url, timeout=10).status_code == 204
     assert answers(url) == {(404, None)}
+
+
+def test_a_writer_given_no_shared_count_refuses_to_start(tmp_path: Path):
+    """A --changes-fd that is not open (a hand-made command line) is an error at start,
+    not a writer that commits without the workers' caches ever hearing of it."""
+    out = subprocess.run([sys.executable, "-m", "mkv.writer", "--db", str(tmp_path / "i.db"),
+                          "--socket", str(tmp_path / "w.sock"), "--changes-fd", "987"],
+                         capture_output=True, text=True, timeout=30)
+    assert out.returncode == 1
+    assert "cannot start" in out.stderr
+    assert not (tmp_path / "w.sock").exists()
