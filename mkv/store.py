@@ -168,12 +168,6 @@ class Store:
         except KeyLocked:
             raise InFlight(key) from None
 
-    def _unlock(self, key: str) -> None:
-        try:
-            self.writer.unlock(key)
-        except Exception:  # noqa: BLE001 - the lock dies with the connection anyway
-            self.writer.close()
-
     def _place(self, key: str) -> list[str]:
         try:
             return core.place(key, self.ring, self.health(), self.cfg.replicas)
@@ -205,7 +199,7 @@ class Store:
                 self._cleanup_after_reput(current, volumes)
             return record
         except BaseException:
-            self._unlock(key)
+            self.writer.release(key)
             raise
 
     def _read_all(self, length: int, read: Callable[[int], bytes]) -> bytes:
@@ -344,7 +338,7 @@ class Store:
             else:
                 self._expecting(key, self.writer.delete, key, retry=True, expect=deleting)
         except BaseException:
-            self._unlock(key)
+            self.writer.release(key)
             raise
 
     @staticmethod
@@ -371,5 +365,5 @@ class Store:
             self._expecting(key, self.writer.set_state, key, State.UNLINKED, retry=True,
                             expect=current)
         except BaseException:
-            self._unlock(key)
+            self.writer.release(key)
             raise

@@ -483,6 +483,15 @@ class WriterClient:
     def unlock(self, key: str) -> None:
         self.call(op="unlock", key=key)
 
+    def release(self, key: str) -> None:
+        """Give the key's lock back on the way out of a failed operation, never raising:
+        if the writer cannot be told, the connection is closed, and a lock dies with the
+        connection that took it (a writer that restarted holds none to begin with)."""
+        try:
+            self.unlock(key)
+        except Exception:  # noqa: BLE001 - closing releases it just the same
+            self.close()
+
     def put(self, rec: Record, *, keep_lock: bool = False, retry: bool = False,
             expect: Record | None = None, new: bool = False) -> None:
         """Write `rec`. `new`: only if the key is not live (or is live as exactly `rec`,

@@ -85,6 +85,22 @@ def test_closed_connection_releases_locks(writer):
     b.lock("/y")
 
 
+def test_release_gives_the_lock_back_and_never_raises(writer):
+    _, sock, server = writer
+    a, b = WriterClient(sock), WriterClient(sock)
+    a.lock("/r")
+    a.release("/r")
+    b.lock("/r")  # free at once: given back on a connection that stays open
+    assert a._sock is not None
+    server.stop()  # the writer dies while b holds /r: release cannot tell it, and need not
+    deadline = time.time() + 5
+    while os.path.exists(sock):
+        assert time.time() < deadline
+        time.sleep(0.01)
+    b.release("/r")
+    assert b._sock is None
+
+
 def test_compare_and_set(writer):
     db, sock, _ = writer
     c = WriterClient(sock)

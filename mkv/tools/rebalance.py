@@ -292,7 +292,7 @@ class Rebalancer:
         if move.lost:
             raise KeyProblem("no good copy on any recorded volume")
         if move.noop and rec.volumes == desired:
-            self._unlock(rec.key)
+            self.writer.release(rec.key)
             return
         if move.copy_to:
             self._copy(rec, move.sources, move.copy_to)
@@ -306,12 +306,12 @@ class Rebalancer:
         if move.drop:
             failed = self._drop(rec.key, move.drop)
             if failed:
-                self._unlock(rec.key)
+                self.writer.release(rec.key)
                 raise KeyProblem(f"could not delete the old copies on {', '.join(failed)}")
             self.writer.put(dataclasses.replace(rec, volumes=desired),
                             expect=dataclasses.replace(rec, volumes=interim), retry=True)
         else:
-            self._unlock(rec.key)
+            self.writer.release(rec.key)
         self.count(moved=1)
 
     def process(self, key: str) -> bool:
@@ -326,7 +326,7 @@ class Rebalancer:
             return True
         try:
             if current is None:
-                self._unlock(key)
+                self.writer.release(key)
             elif current.state is State.DELETING:
                 self._finish_delete(current)
             else:
@@ -334,16 +334,8 @@ class Rebalancer:
         except (KeyProblem, WriterError, VolumeError) as exc:
             with self._stats_lock:
                 self.stats.problems[key] = str(exc)
-            self._unlock(key)
+            self.writer.release(key)
         return True
-
-    def _unlock(self, key: str) -> None:
-        """Release the key. A lock dies with its writer connection, so a writer that is
-        gone (or restarted) holds none: nothing to report."""
-        try:
-            self.writer.unlock(key)
-        except WriterError:
-            self.writer.close()
 
     # --- the walk ---
 
