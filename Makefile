@@ -22,7 +22,7 @@ nginx:
 	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq nginx-light; }
 
 run: venv nginx
-	$(PY) -m mkv.devcluster --dir var --port 3000
+	$(PY) -m mkv.tools.devcluster --dir var --port 3000
 
 test: venv nginx
 	$(PY) -m pytest -q $(PYTEST_ARGS)

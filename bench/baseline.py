@@ -4,7 +4,7 @@
 
 It answers a fixed 302 (with a blob-like Location) for any path, and a fixed JSON 404
 for paths under /missing/, with no framework, index or health lookup. Its settings are
-taken from mkv.server.gunicorn_settings, minus the hooks that start mkv's writer and
+taken from mkv.service.server.gunicorn_settings, minus the hooks that start mkv's writer and
 health process, so worker class, workers, threads and keep-alive are the same as mkv's
 and the ratio measures what mkv's request handling costs on top of gunicorn itself.
 """
@@ -19,7 +19,7 @@ from gunicorn.app.base import BaseApplication
 
 from mkv.config import Config
 from mkv.keys import blob_path
-from mkv.server import gunicorn_settings
+from mkv.service.server import gunicorn_settings
 
 LOCATION = "http://127.0.0.1:3001" + blob_path("/bench/hit")
 NOT_FOUND = b'{"error": "not_found", "detail": "/missing/key"}'

@@ -26,14 +26,16 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from mkv import index
+from mkv.index.cache import ChangeCount, RecordCache
+
 from mkv.config import Config
-from mkv.freshness import ChangeCount, RecordCache
+from mkv.index import schema
+from mkv.index.reader import Reader
 from mkv.keys import blob_path, sidecar_body, sidecar_path
-from mkv.pipeline import Request
-from mkv.store import Store
-from mkv.volume import VolumePool
-from mkv.writer import WriterClient, wait_ready
+from mkv.service.store import Store
+from mkv.volumes.stream import VolumePool
+from mkv.volumes.wire import Request
+from mkv.writer.client import WriterClient, wait_ready
 from tests.cluster import NginxVolume
 
 KIB, MIB = 1 << 10, 1 << 20
@@ -69,7 +71,7 @@ def threaded(threads: int, n: int, op: Callable[[int], object]) -> float:
 
 def measure(cfg: Config, changes: ChangeCount, n: int, big: int) -> list[tuple[str, float]]:
     def store(config: Config, cached: bool = False) -> Store:
-        reader = index.Reader(lambda: index.connect(config.db),
+        reader = Reader(lambda: schema.connect(config.db),
                               RecordCache(changes) if cached else None)
         return Store(config, reader, VolumePool(config.volume_timeout),
                      lambda: WriterClient(config.writer_socket, timeout=10))
@@ -116,7 +118,7 @@ def run(n: int, big: int, workdir: Path) -> list[tuple[str, float]]:
     """Start three nginx volumes and a writer under `workdir`, measure, stop them:
     (what, CPU seconds per operation) in the order printed."""
     vols = [NginxVolume.start(workdir / f"vol{i}") for i in range(3)]
-    cfg = Config(volumes=tuple(v.address for v in vols), db=str(workdir / "index.db"), replicas=3)
+    cfg = Config(volumes=tuple(v.address for v in vols), db=str(workdir / "schema.db"), replicas=3)
     changes = ChangeCount.create()
     writer = subprocess.Popen([sys.executable, "-m", "mkv.writer", "--db", cfg.db,
                                "--socket", cfg.writer_socket, "--log-level", "warning",

@@ -20,8 +20,8 @@ import threading
 import time
 from pathlib import Path
 
-from mkv.index import Record, State
-from mkv.writer import WriterClient, wait_ready
+from mkv.model import Record, State
+from mkv.writer.client import WriterClient, wait_ready
 
 
 def _client_proc(sock: str, threads: int, seconds: float, tag: str, out: multiprocessing.Queue) -> None:

@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from mkv import config as config_mod
+from mkv.service import metricsdir
 
 USAGE = """usage: mkv COMMAND [options]
 
@@ -22,12 +23,14 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if argv else 2
     command, rest = argv[0], argv[1:]
     if command == "serve":
-        from mkv.server import serve
-
         cfg, _ = config_mod.load(rest, prog="mkv serve", description="Run the mkv service.")
+        metricsdir.share_between_workers()
+        # imported only now: prometheus_client must see the metrics directory first
+        from mkv.service.server import serve
+
         return serve(cfg)
     if command == "volume":
-        from mkv import nginx
+        from mkv.volumes import nginx
 
         parser = argparse.ArgumentParser(prog="mkv volume",
                                          description="Run one nginx volume in the foreground.")

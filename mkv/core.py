@@ -11,8 +11,8 @@ import enum
 from collections.abc import Mapping, Sequence
 from urllib.parse import parse_qsl, quote
 
-from mkv.index import HealthRow, Record, State
 from mkv.keys import blob_path
+from mkv.model import HealthRow, Record, State
 from mkv.ring import Ring, failure_domain
 
 

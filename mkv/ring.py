@@ -1,4 +1,4 @@
-"""Placement: a consistent hash ring over volumes (see DESIGN.md, "Placement").
+"""Placement: a consistent hash ring over volumes (docs/design.md, "Placement").
 
 Pure code, no IO. The hash functions and the vnode naming below decide where every blob
 lives, so they are part of the on-disk contract: changing them moves every key.

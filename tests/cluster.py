@@ -1,7 +1,7 @@
 """Real processes for integration tests: nginx volumes started from deploy/nginx/.
 
 Plain classes and functions rather than fixtures, so tests can also stop, kill and restart
-volumes mid-test (failure injection). Volumes are launched straight from mkv.nginx's renderer,
+volumes mid-test (failure injection). Volumes are launched straight from mkv.volumes.nginx's renderer,
 i.e. from exactly the config `mkv volume` runs.
 """
 
@@ -18,7 +18,7 @@ from typing import Self
 
 import requests
 
-from mkv.nginx import WORKDIR_NAME, listen_address, render_volume, volume_command
+from mkv.volumes.nginx import WORKDIR_NAME, listen_address, render_volume, volume_command
 
 START_TIMEOUT = 10.0
 STOP_TIMEOUT = 5.0

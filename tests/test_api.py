@@ -31,8 +31,8 @@ import apsw
 import pytest
 import requests
 
-from mkv import index
-from mkv.index import Record, State
+from mkv.index import schema
+from mkv.model import Record, State
 from tests.cluster import NginxVolume
 from tests.service import MkvService
 
@@ -71,7 +71,7 @@ def index_record(svc: MkvService, key: str) -> Record | None:
     """The key's row in the service's index, read straight from the SQLite file."""
     conn = apsw.Connection(svc.db, flags=apsw.SQLITE_OPEN_READONLY)
     try:
-        return index.read_record(conn, key)
+        return schema.read_record(conn, key)
     finally:
         conn.close()
 

@@ -8,10 +8,10 @@ from hypothesis import strategies as st
 
 from mkv import core, keys
 from mkv.core import Health
-from mkv.index import HealthRow, Record, State
+from mkv.model import HealthRow, Record, State
 from mkv.ring import Ring
-from mkv.store import BadDigest, parse_content_md5
-from mkv.volume import VolumeUnreachable
+from mkv.service.store import BadDigest, parse_content_md5
+from mkv.volumes.errors import VolumeUnreachable
 
 VOLS = ["a:1", "b:2", "c:3", "d:4"]
 

@@ -23,14 +23,17 @@ from urllib.parse import quote
 import apsw
 import pytest
 import requests
+from mkv.index.reader import Reader
 
-from mkv import index
 from mkv.config import Config
-from mkv.index import Reader, Record, State
+from mkv.index import schema
 from mkv.keys import blob_path, sidecar_path
-from mkv.store import HEALTH_CACHE_SECONDS, InFlight, Store
-from mkv.volume import VolumePool
-from mkv.writer import KeyLocked, WriterClient, serve_in_thread
+from mkv.model import Record, State
+from mkv.service.store import HEALTH_CACHE_SECONDS, InFlight, Store
+from mkv.volumes.stream import VolumePool
+from mkv.writer.client import WriterClient
+from mkv.writer.protocol import KeyLocked
+from mkv.writer.server import serve_in_thread
 from tests.cluster import NginxVolume
 from tests.service import MkvService
 
@@ -383,7 +386,7 @@ def test_a_delete_whose_lock_died_with_the_writer_connection_spares_a_newer_put(
     cfg = Config(volumes=tuple(v.address for v in volumes), db=str(tmp_path / "i.db"), replicas=3)
     server, thread = serve_in_thread(cfg.db, cfg.writer_socket)
     try:
-        store = Store(cfg, Reader(lambda: index.connect(cfg.db)), VolumePool(cfg.volume_timeout),
+        store = Store(cfg, Reader(lambda: schema.connect(cfg.db)), VolumePool(cfg.volume_timeout),
                       lambda: WriterClient(cfg.writer_socket, timeout=5))
         body = b"first value"
         store.put("/gap", len(body), io.BytesIO(body).read, None)
@@ -410,7 +413,7 @@ def test_a_delete_whose_lock_died_with_the_writer_connection_spares_a_newer_put(
         store.health = gap
         with pytest.raises(InFlight):
             store.delete("/gap")
-        assert Reader(lambda: index.connect(cfg.db)).get("/gap") == newer[0]
+        assert Reader(lambda: schema.connect(cfg.db)).get("/gap") == newer[0]
     finally:
         server.stop()
         thread.join(10)

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import requests
 
-from mkv.freshness import ChangeCount, RecordCache
-from mkv.index import Record, State
-from mkv.writer import WriterClient, wait_ready
+from mkv.index.cache import ChangeCount, RecordCache
+from mkv.model import Record, State
+from mkv.writer.client import WriterClient, wait_ready
 from tests.test_faults import replaced, wait_until
 
 

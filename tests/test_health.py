@@ -5,8 +5,8 @@ import time
 
 import pytest
 
-from mkv.health import ProbeState, observe
-from mkv.supervise import Child, Supervisor
+from mkv.health.probe import ProbeState, observe
+from mkv.service.supervise import Child, Supervisor
 
 
 def run(results, fail=2, ok=2, start=None):

@@ -3,8 +3,9 @@
 import apsw
 import pytest
 
-from mkv import index
-from mkv.index import Record, State
+from mkv.index import schema
+from mkv.index.reader import Reader
+from mkv.model import HealthRow, Record, State
 
 
 def rec(key, state=State.LIVE, volumes=("a:1", "b:2"), size=3, md5="abc"):
@@ -14,46 +15,46 @@ def rec(key, state=State.LIVE, volumes=("a:1", "b:2"), size=3, md5="abc"):
 @pytest.fixture
 def conn():
     c = apsw.Connection(":memory:")
-    index.init_schema(c)
+    schema.init_schema(c)
     return c
 
 
 @pytest.fixture
 def reader(conn):
-    return index.Reader(conn)
+    return Reader(conn)
 
 
 def test_schema_version_recorded_and_checked(conn):
     assert conn.execute("SELECT value FROM meta WHERE name='schema_version'").fetchone()[0] == "1"
     conn.execute("UPDATE meta SET value='99' WHERE name='schema_version'")
-    with pytest.raises(index.SchemaError):
-        index.init_schema(conn)
+    with pytest.raises(schema.SchemaError):
+        schema.init_schema(conn)
 
 
 def test_write_and_get_roundtrip(conn, reader):
     r = rec("/k ü")
-    index.write_record(conn, r)
+    schema.write_record(conn, r)
     assert reader.get("/k ü") == r
     assert reader.get("/missing") is None
-    index.write_record(conn, rec("/k ü", volumes=("c:3",), size=9))
+    schema.write_record(conn, rec("/k ü", volumes=("c:3",), size=9))
     assert reader.get("/k ü").volumes == ("c:3",)
     assert reader.get("/k ü").size == 9
 
 
 def test_state_and_delete(conn, reader):
-    index.write_record(conn, rec("/a"))
-    assert index.write_state(conn, "/a", State.UNLINKED)
+    schema.write_record(conn, rec("/a"))
+    assert schema.write_state(conn, "/a", State.UNLINKED)
     assert reader.get("/a").state is State.UNLINKED
-    assert not index.write_state(conn, "/nope", State.UNLINKED)
-    assert index.write_delete(conn, "/a")
+    assert not schema.write_state(conn, "/nope", State.UNLINKED)
+    assert schema.write_delete(conn, "/a")
     assert reader.get("/a") is None
-    assert not index.write_delete(conn, "/a")
+    assert not schema.write_delete(conn, "/a")
 
 
 def test_list_is_a_prefix_range_with_paging(conn, reader):
     keys = ["/a", "/a/1", "/a/2", "/a/3", "/a0", "/ab", "/b", "/a/\U0010ffff", "/a/é"]
-    index.write_records(conn, [rec(k) for k in keys])
-    index.write_record(conn, rec("/a/gone", state=State.UNLINKED))
+    schema.write_records(conn, [rec(k) for k in keys])
+    schema.write_record(conn, rec("/a/gone", state=State.UNLINKED))
     all_a = sorted(k for k in keys if k.startswith("/a/"))
     assert list(reader.iter_keys("/a/", "", State.LIVE, page=2)) == all_a
     page, nxt = reader.list_keys("/a/", "", 2, State.LIVE)
@@ -74,14 +75,14 @@ def test_list_uses_the_primary_key_range_not_a_scan(conn):
 
 
 def test_health_rows(conn, reader):
-    index.write_health(conn, [index.HealthRow("a:1", True, 5.0, 1.0, 2.5, None),
-                              index.HealthRow("b:2", False, 5.0, 4.0, None, "refused")])
+    schema.write_health(conn, [HealthRow("a:1", True, 5.0, 1.0, 2.5, None),
+                              HealthRow("b:2", False, 5.0, 4.0, None, "refused")])
     h = reader.health()
     assert h["a:1"].up and h["a:1"].latency_ms == 2.5
     assert not h["b:2"].up and h["b:2"].error == "refused"
 
 
 def test_file_index_uses_wal(tmp_path):
-    c = index.open_index(str(tmp_path / "i.db"))
+    c = schema.open_index(str(tmp_path / "i.db"))
     assert c.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     assert c.execute("PRAGMA synchronous").fetchone()[0] == 1  # NORMAL

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from mkv import nginx as mkv_nginx
+from mkv.volumes import nginx as mkv_nginx
 from tests.cluster import NginxVolume, VolumeStartError, free_port, group_alive, wait_http
 
 KEY_HASH = hashlib.sha256(b"some key").hexdigest()
@@ -165,7 +165,7 @@ def test_run_volume_execs_nginx_so_signals_reach_it(tmp_path: Path) -> None:
     """`mkv volume` must be nginx itself (same pid), not a Python parent that swallows SIGTERM."""
     port = free_port()
     code = (
-        "import sys; from pathlib import Path; from mkv.nginx import run_volume; "
+        "import sys; from pathlib import Path; from mkv.volumes.nginx import run_volume; "
         "run_volume(Path(sys.argv[1]), int(sys.argv[2]))"
     )
     proc = subprocess.Popen(

@@ -7,8 +7,9 @@ import time
 import pytest
 import requests
 
-from mkv.pipeline import Pool, Request
-from mkv.volume import ShortWrite, VolumeStatus, VolumeTimeout, VolumeUnreachable
+from mkv.volumes.errors import ShortWrite, VolumeStatus, VolumeTimeout, VolumeUnreachable
+from mkv.volumes.pool import Pool
+from mkv.volumes.wire import Request
 from tests.cluster import NginxVolume, free_port
 
 

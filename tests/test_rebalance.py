@@ -21,11 +21,11 @@ import requests
 
 from mkv import config
 from mkv.core import RateLimiter, rebalance_plan
-from mkv.index import Record, State
 from mkv.keys import blob_path, key_hash, sidecar_path
+from mkv.model import Record, State
 from mkv.ring import Ring
 from mkv.tools.rebalance import LockLost, Rebalancer, add_arguments
-from mkv.writer import serve_in_thread
+from mkv.writer.server import serve_in_thread
 from tests.cluster import NginxVolume
 from tests.service import MkvService
 

@@ -28,14 +28,14 @@ import apsw
 import pytest
 import requests
 
-from mkv import index, scan
 from mkv.config import Config
-from mkv.index import Record, State
+from mkv.index import schema
 from mkv.keys import key_hash, sidecar_body
+from mkv.model import Record, State
 from mkv.ring import Ring
-from mkv.scan import Candidate, KeyResolver, Kind, Leaf
-from mkv.tools import rebuild
-from mkv.volume import VolumeUnreachable
+from mkv.tools import rebuild, scan
+from mkv.tools.scan import Candidate, KeyResolver, Kind, Leaf
+from mkv.volumes.errors import VolumeUnreachable
 from tests.cluster import NginxVolume, free_port
 from tests.service import MkvService
 
@@ -377,9 +377,9 @@ def test_pipe_gives_up_on_a_refusing_volume(monkeypatch: pytest.MonkeyPatch) -> 
 
 
 def make_index(path: Path, keys: list[str]) -> bytes:
-    conn = index.open_index(str(path))
+    conn = schema.open_index(str(path))
     with conn:
-        index.write_records(conn, [Record(k, State.LIVE, ("x:1",), 1, "", 1.0) for k in keys])
+        schema.write_records(conn, [Record(k, State.LIVE, ("x:1",), 1, "", 1.0) for k in keys])
     conn.close()
     return path.read_bytes()
 
@@ -399,13 +399,13 @@ def test_index_content_detection(tmp_path: Path) -> None:
 
 
 def test_replace_file_drops_the_old_wal(tmp_path: Path) -> None:
-    target, tmp = tmp_path / "index.db", tmp_path / ".index.db.rebuild-1.tmp"
+    target, tmp = tmp_path / "schema.db", tmp_path / ".schema.db.rebuild-1.tmp"
     target.write_bytes(b"old")
-    (tmp_path / "index.db-wal").write_bytes(b"old wal")
-    (tmp_path / "index.db-shm").write_bytes(b"old shm")
+    (tmp_path / "schema.db-wal").write_bytes(b"old wal")
+    (tmp_path / "schema.db-shm").write_bytes(b"old shm")
     tmp.write_bytes(b"new")
     rebuild.replace_file(str(tmp), str(target))
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["index.db"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["schema.db"]
     assert target.read_bytes() == b"new"
 
 
@@ -468,7 +468,7 @@ def test_planted_inconsistencies_are_reported_not_imported(
         plant(v, "/one-bad-sidecar", b"abc", sidecar=b"\x00garbage" if v is v3 else None)
     (leaf_dir(v1, "/good") / "README.txt").write_text("not mkv's")
 
-    db = tmp_path / "index.db"
+    db = tmp_path / "schema.db"
     proc = run_cli(volumes, db)
     assert proc.returncode == 1, proc.stderr
     err = proc.stderr
@@ -520,7 +520,7 @@ def test_a_dead_volume_gives_a_partial_index_and_exit_1(
         plant(dead, f"/only-dead/{i}", b"gone")
     dead.kill()
 
-    db = tmp_path / "index.db"
+    db = tmp_path / "schema.db"
     started = time.monotonic()
     proc = run_cli(volumes, db, replicas=2)
     assert time.monotonic() - started < 30
@@ -537,7 +537,7 @@ def test_refuses_to_overwrite_an_index_without_force(
     for v in volumes:
         plant(v, "/real", b"real")
     (tmp_path / "idx").mkdir()
-    db = tmp_path / "idx" / "index.db"
+    db = tmp_path / "idx" / "schema.db"
     before = make_index(db, ["/old-1", "/old-2"])
     stat = db.stat()
 
@@ -546,10 +546,10 @@ def test_refuses_to_overwrite_an_index_without_force(
     assert "--force" in proc.stderr
     assert db.read_bytes() == before and db.stat().st_mtime_ns == stat.st_mtime_ns
 
-    (tmp_path / "idx" / "index.db-wal").write_bytes(b"")  # a stale WAL must not survive
+    (tmp_path / "idx" / "schema.db-wal").write_bytes(b"")  # a stale WAL must not survive
     proc = run_cli(volumes, db, "--force")
     assert proc.returncode == 0, proc.stderr
-    assert sorted(p.name for p in db.parent.iterdir()) == ["index.db"]  # no temp, WAL or SHM
+    assert sorted(p.name for p in db.parent.iterdir()) == ["schema.db"]  # no temp, WAL or SHM
     assert set(rows(db)) == {"/real"}
 
     empty = tmp_path / "idx" / "empty.db"  # an index without keys (a fresh service's) needs no --force
@@ -559,7 +559,7 @@ def test_refuses_to_overwrite_an_index_without_force(
 
 
 def test_refuses_while_a_writer_serves_the_db(volumes: list[NginxVolume], tmp_path: Path) -> None:
-    db = tmp_path / "index.db"
+    db = tmp_path / "schema.db"
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(str(db) + ".writer.sock")
     listener.listen(8)
@@ -585,7 +585,7 @@ def hung_volume() -> Iterator[str]:
 def test_killed_rebuild_leaves_the_old_index_untouched(
         volumes: list[NginxVolume], hung_volume: str, tmp_path: Path) -> None:
     (tmp_path / "idx").mkdir()
-    db = tmp_path / "idx" / "index.db"
+    db = tmp_path / "idx" / "schema.db"
     before = make_index(db, ["/old"])
     env = {k: v for k, v in os.environ.items() if not k.startswith("MKV_")}
     proc = subprocess.Popen(
@@ -595,7 +595,7 @@ def test_killed_rebuild_leaves_the_old_index_untouched(
         cwd=REPO, env=env, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 10
-        while not list(db.parent.glob(".index.db.rebuild-*.tmp")):
+        while not list(db.parent.glob(".schema.db.rebuild-*.tmp")):
             assert time.monotonic() < deadline and proc.poll() is None, "no temporary index"
             time.sleep(0.02)
         proc.send_signal(signal.SIGTERM)
@@ -606,7 +606,7 @@ def test_killed_rebuild_leaves_the_old_index_untouched(
     assert proc.returncode == 130, err
     assert "left as it was" in err
     assert db.read_bytes() == before
-    assert sorted(p.name for p in db.parent.iterdir()) == ["index.db"]
+    assert sorted(p.name for p in db.parent.iterdir()) == ["schema.db"]
 
 
 def test_interrupted_in_process_rebuild_leaves_no_half_index(
@@ -614,7 +614,7 @@ def test_interrupted_in_process_rebuild_leaves_no_half_index(
     for i in range(50):
         plant(volumes[i % 3], f"/k{i}", b"v")
     (tmp_path / "idx").mkdir()
-    db = tmp_path / "idx" / "index.db"
+    db = tmp_path / "idx" / "schema.db"
     before = make_index(db, ["/old"])
 
     def boom(self, dirs):
@@ -625,23 +625,23 @@ def test_interrupted_in_process_rebuild_leaves_no_half_index(
     with pytest.raises(KeyboardInterrupt):
         rebuild.rebuild(cfg, str(db), force=True, progress=False)
     assert db.read_bytes() == before
-    assert sorted(p.name for p in db.parent.iterdir()) == ["index.db"]
+    assert sorted(p.name for p in db.parent.iterdir()) == ["schema.db"]
 
 
 def test_no_readable_volume_writes_no_index(tmp_path: Path) -> None:
-    db = tmp_path / "index.db"
+    db = tmp_path / "schema.db"
     before = make_index(db, ["/old"])
     proc = run_cli([f"127.0.0.1:{free_port()}"], db, "--force", replicas=1)
     assert proc.returncode == 1
     assert "index NOT written" in proc.stderr and "PARTIAL" in proc.stderr
     assert db.read_bytes() == before
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["index.db"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["schema.db"]
 
 
 def test_usage_errors_exit_2(tmp_path: Path) -> None:
-    proc = run_cli(["127.0.0.1:1"], tmp_path / "no-such-dir" / "index.db", replicas=1)
+    proc = run_cli(["127.0.0.1:1"], tmp_path / "no-such-dir" / "schema.db", replicas=1)
     assert proc.returncode == 2 and "db: directory" in proc.stderr
-    proc = run_cli(["127.0.0.1:1"], tmp_path / "index.db", "--concurrency", "0", replicas=1)
+    proc = run_cli(["127.0.0.1:1"], tmp_path / "schema.db", "--concurrency", "0", replicas=1)
     assert proc.returncode == 2 and "concurrency" in proc.stderr
 
 

@@ -1,4 +1,4 @@
-"""Property tests of the placement ring (DESIGN.md, "Placement: consistent hash ring").
+"""Property tests of the placement ring (docs/design.md, "Placement").
 
 Invariants that do not depend on the vnode count run on small rings (fast, and fewer vnodes
 make collisions between volumes more likely, which is where bugs hide). Load-balance

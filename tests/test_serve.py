@@ -39,8 +39,8 @@ def test_plain_gunicorn_with_our_config_is_the_same_service(volumes, tmp_path):
            "MKV_PORT": str(port), "MKV_WORKERS": "2"}
     env.pop("PROMETHEUS_MULTIPROC_DIR", None)
     log = (tmp_path / "gunicorn.log").open("wb")
-    proc = subprocess.Popen([sys.executable, "-m", "gunicorn", "-c", "python:mkv.gunicorn_conf",
-                             "mkv.wsgi:app"], env=env, stdout=log, stderr=log,
+    proc = subprocess.Popen([sys.executable, "-m", "gunicorn", "-c", "python:mkv.service.gunicorn_conf",
+                             "mkv.service.wsgi:app"], env=env, stdout=log, stderr=log,
                             start_new_session=True)
     try:
         url = f"http://127.0.0.1:{port}"
@@ -127,8 +127,9 @@ def metrics_dirs(tmp) -> list[str]:
 
 def test_the_metrics_directory_goes_with_the_process_that_made_it(volumes, make_service, tmp_path):
     """Workers share prometheus values through a temporary directory that the master
-    makes; stopping the service removes it, and so does any other process that imports
-    the service (the bench's baseline, tools), while a worker's exit does not."""
+    makes; stopping the service removes it, and so does any other process that made one
+    (the gunicorn config file), while a worker's exit does not. Importing the service
+    makes none."""
     tmp = tmp_path / "tmp"
     tmp.mkdir()
     svc = make_service(volumes, env={"TMPDIR": str(tmp)})
@@ -155,8 +156,12 @@ def test_the_metrics_directory_goes_with_the_process_that_made_it(volumes, make_
 
     env = {**os.environ, "TMPDIR": str(tmp)}
     env.pop("PROMETHEUS_MULTIPROC_DIR", None)
-    made = subprocess.run([sys.executable, "-c", "import os, mkv.server; "
-                           "print(os.environ['PROMETHEUS_MULTIPROC_DIR'])"],
+    made = subprocess.run([sys.executable, "-c", "import os, mkv.service.metricsdir as m; "
+                           "m.share_between_workers(); print(os.environ['PROMETHEUS_MULTIPROC_DIR'])"],
                           env=env, capture_output=True, text=True, check=True).stdout.strip()
     assert made.startswith(str(tmp))
     assert metrics_dirs(tmp) == []
+    imported = subprocess.run([sys.executable, "-c", "import os, mkv.service.server, mkv.service.app; "
+                               "print(os.environ.get('PROMETHEUS_MULTIPROC_DIR', 'none'))"],
+                              env=env, capture_output=True, text=True, check=True).stdout.strip()
+    assert imported == "none"

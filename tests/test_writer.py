@@ -10,9 +10,12 @@ import time
 
 import pytest
 
-from mkv import index
-from mkv.index import Record, State
-from mkv.writer import KeyLocked, WriterClient, WriterError, serve_in_thread, wait_ready
+from mkv.index import schema
+from mkv.index.reader import Reader
+from mkv.model import Record, State
+from mkv.writer.client import WriterClient, wait_ready
+from mkv.writer.protocol import KeyLocked, WriterError
+from mkv.writer.server import serve_in_thread
 
 
 def rec(key, volumes=("a:1",)):
@@ -29,7 +32,7 @@ def writer(tmp_path):
 
 
 def reader_of(db):
-    return index.Reader(index.connect(db))
+    return Reader(schema.connect(db))
 
 
 def test_lock_put_releases_and_is_durable(writer):

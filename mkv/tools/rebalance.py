@@ -27,14 +27,20 @@ import configargparse
 import urllib3
 
 from mkv import config as config_mod
-from mkv import core, index
+from mkv import core
 from mkv.config import Config
-from mkv.index import Record, State
+from mkv.index import schema
+from mkv.index.reader import Reader
 from mkv.keys import blob_path, sidecar_body, sidecar_path
-from mkv.pipeline import Pool, Request
+from mkv.model import Record, State
 from mkv.ring import Ring
-from mkv.volume import FanOut, UploadAborted, VolumeError, VolumePool
-from mkv.writer import KeyLocked, WriterClient, WriterError, WriterUnavailable, serve_in_thread
+from mkv.volumes.errors import UploadAborted, VolumeError
+from mkv.volumes.pool import Pool
+from mkv.volumes.stream import FanOut, VolumePool
+from mkv.volumes.wire import Request
+from mkv.writer.client import WriterClient
+from mkv.writer.protocol import KeyLocked, WriterError, WriterUnavailable
+from mkv.writer.server import serve_in_thread
 
 CHUNK = 1 << 20
 PAGE = 500
@@ -81,7 +87,7 @@ class Rebalancer:
                  out=sys.stderr) -> None:
         self.cfg = cfg
         self.ring = Ring(cfg.volumes, **({"vnodes": cfg.vnodes} if cfg.vnodes else {}))
-        self.reader = index.Reader(index.connect(cfg.db, synchronous=cfg.synchronous))
+        self.reader = Reader(schema.connect(cfg.db, synchronous=cfg.synchronous))
         self.pool = VolumePool(cfg.volume_timeout, maxsize=concurrency * (cfg.replicas + 1))
         self.pipes = Pool(cfg.volume_timeout)  # the small requests: checks, sidecars, deletes
         self.concurrency = concurrency
@@ -393,7 +399,7 @@ class Rebalancer:
 def dry_run(cfg: Config, out=sys.stdout) -> Counter:
     """The plan from the index alone (copies assumed good): nothing is contacted or changed."""
     ring = Ring(cfg.volumes, **({"vnodes": cfg.vnodes} if cfg.vnodes else {}))
-    reader = index.Reader(index.connect(cfg.db, synchronous=cfg.synchronous))
+    reader = Reader(schema.connect(cfg.db, synchronous=cfg.synchronous))
     plan: Counter = Counter()
     after = ""
     while page := reader.scan(after, PAGE):
@@ -435,7 +441,7 @@ def main(argv: list[str] | None = None) -> int:
         print("mkv-rebalance: --concurrency must be >= 1 and --limit-rate >= 0", file=sys.stderr)
         return 2
     try:
-        index.Reader(index.connect(cfg.db)).count()
+        Reader(schema.connect(cfg.db)).count()
     except Exception as exc:  # noqa: BLE001 - any reason the index cannot be read
         print(f"mkv-rebalance: cannot read the index {cfg.db}: {exc}", file=sys.stderr)
         return 2

@@ -4,7 +4,7 @@
 
 Walks every volume's fan-out tree through nginx's autoindex JSON ("/", "/ab/", "/ab/cd/"),
 reads each distinct `.key` sidecar once (another replica's only if the first is bad or its
-file length differs), merges the replicas of every key (mkv/scan.py decides; this module only
+file length differs), merges the replicas of every key (mkv/tools/scan.py decides; this module only
 does the IO), and writes the index into a temporary file beside
 the target that is renamed into place at the very end: an interrupted rebuild leaves the
 old file (or no file) untouched, never half an index.
@@ -41,12 +41,11 @@ from urllib.parse import quote
 import apsw
 
 from mkv import config as config_mod
-from mkv import index
 from mkv.config import Config, default_writer_socket
-from mkv.index import Record
-from mkv.pipeline import BadResponse, Connection, Dropped, Request
+from mkv.index import schema
+from mkv.model import Record
 from mkv.ring import Ring
-from mkv.scan import (
+from mkv.tools.scan import (
     Candidate,
     KeyResolver,
     Kind,
@@ -57,7 +56,8 @@ from mkv.scan import (
     parse_leaf,
     top_dirs,
 )
-from mkv.volume import VolumeError, VolumeStatus, VolumeTimeout, VolumeUnreachable
+from mkv.volumes.errors import VolumeError, VolumeStatus, VolumeTimeout, VolumeUnreachable
+from mkv.volumes.wire import BadResponse, Connection, Dropped, Request
 
 PROG = "mkv-rebuild"
 DEFAULT_CONCURRENCY = 16
@@ -220,7 +220,7 @@ class UnitResult:
 
 
 class Scanner:
-    """The IO shell around mkv.scan: lists, reads, and hands records to the caller."""
+    """The IO shell around mkv.tools.scan: lists, reads, and hands records to the caller."""
 
     def __init__(self, cfg: Config, pipes: Pipes) -> None:
         self.cfg = cfg
@@ -403,7 +403,7 @@ def open_temp_index(path: str) -> apsw.Connection:
     conn.execute("PRAGMA journal_mode=OFF")
     conn.execute("PRAGMA synchronous=OFF")
     conn.execute("PRAGMA cache_size=-262144")
-    index.init_schema(conn)
+    schema.init_schema(conn)
     return conn
 
 
@@ -614,7 +614,7 @@ def _insert(conn: apsw.Connection, records: list[Record]) -> float:
     t = time.monotonic()
     records.sort(key=lambda r: r.key.encode())
     with conn:
-        index.write_records(conn, records)
+        schema.write_records(conn, records)
     return time.monotonic() - t
 
 

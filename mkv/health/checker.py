@@ -1,94 +1,39 @@
 """The health process: probes every volume and publishes its status.
 
-It is the only writer of the `volume_health` table (workers read it, cached for
-half a second). A volume goes down after `fail_count` consecutive failures and
-comes back after `ok_count` successes, so one slow answer does not flap it.
-Workers that see a volume fail mid-request send its name to this process's
-datagram socket; that counts as a failure at once, not only at the next probe.
+It is the only writer of the `volume_health` table (workers read it, cached for half a
+second). A volume goes down after `fail_count` consecutive failures and comes back after
+`ok_count` successes (mkv.health.probe). Workers that see a volume fail mid-request send
+its name to this process's datagram socket (mkv.health.reporter); that counts as a
+failure at once.
 
-It also finishes pending deletes: copies of deleted keys that stayed on a volume
-that was down are removed once that volume answers again.
+It also finishes pending deletes: copies of deleted keys that stayed on a volume that was
+down are removed once that volume answers again.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import logging
 import os
 import socket
-import sys
 import time
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 
-from mkv import index
-from mkv.index import HealthRow, State
-from mkv.pipeline import Pool
-from mkv.supervise import on_stop
-from mkv.volume import VolumeError, VolumePool
-from mkv.writer import KeyLocked, WriterClient, WriterError
+from mkv.health.probe import ProbeState, observe
+from mkv.health.reporter import health_socket_path
+from mkv.index import schema
+from mkv.index.reader import Reader
+from mkv.model import HealthRow, State
+from mkv.volumes.errors import VolumeError
+from mkv.volumes.pool import Pool
+from mkv.volumes.stream import VolumePool
+from mkv.writer.client import WriterClient
+from mkv.writer.protocol import KeyLocked, WriterError
 
 log = logging.getLogger("mkv.health")
 
 CLEANUP_BATCH = 200
-
-
-# --- pure: hysteresis ------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class ProbeState:
-    up: bool
-    since: float
-    fails: int = 0
-    oks: int = 0
-    latency_ms: float | None = None
-    error: str | None = None
-
-
-def observe(prev: ProbeState | None, ok: bool, now: float, fail_count: int, ok_count: int,
-            latency_ms: float | None = None, error: str | None = None) -> ProbeState:
-    """Fold one probe result into a volume's state.
-
-    A volume never seen is presumed up (like "unknown"), so a fresh service
-    does not refuse writes until the first probes are in.
-    """
-    if prev is None:
-        prev = ProbeState(up=True, since=now)
-    fails = 0 if ok else prev.fails + 1
-    oks = prev.oks + 1 if ok else 0
-    up = prev.up
-    if up and fails >= fail_count:
-        up = False
-    elif not up and oks >= ok_count:
-        up = True
-    since = prev.since if up == prev.up else now
-    return ProbeState(up, since, fails, oks, latency_ms if ok else prev.latency_ms,
-                      None if ok else error)
-
-
-# --- the process -----------------------------------------------------------------------
-
-
-def health_socket_path(db: str) -> str:
-    """Datagram socket for failure reports, beside the index like the writer's."""
-    return db + ".health.sock"
-
-
-class FailureReporter:
-    """Used by workers: fire-and-forget 'this volume just failed' datagrams."""
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self._sock.setblocking(False)
-
-    def report(self, volume: str) -> None:
-        try:
-            self._sock.sendto(volume.encode(), self.path)
-        except OSError:
-            pass  # no health process listening: the next probe will tell
 
 
 class HealthChecker:
@@ -98,8 +43,8 @@ class HealthChecker:
         self.interval = interval
         self.fail_count = fail_count
         self.ok_count = ok_count
-        self.conn = index.open_index(db)
-        self.reader = index.Reader(self.conn)
+        self.conn = schema.open_index(db)
+        self.reader = Reader(self.conn)
         self.pool = VolumePool(timeout, maxsize=4)
         self.pipes = Pool(timeout)  # pending-delete cleanup
         self.executor = ThreadPoolExecutor(max_workers=max(4, len(self.volumes)))
@@ -143,7 +88,7 @@ class HealthChecker:
 
     def publish(self) -> None:
         now = time.time()
-        index.write_health(self.conn, [
+        schema.write_health(self.conn, [
             HealthRow(v, s.up, now, s.since, s.latency_ms, s.error) for v, s in self.states.items()
         ])
 
@@ -219,34 +164,3 @@ class HealthChecker:
             os.unlink(self.sock_path)
         except FileNotFoundError:
             pass
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m mkv.health ...`: started and supervised by `mkv serve`."""
-    p = argparse.ArgumentParser(prog="mkv-health")
-    p.add_argument("--db", required=True)
-    p.add_argument("--volumes", required=True)
-    p.add_argument("--writer-socket", required=True)
-    p.add_argument("--interval", type=float, default=1.0)
-    p.add_argument("--timeout", type=float, default=1.0)
-    p.add_argument("--fail-count", type=int, default=2)
-    p.add_argument("--ok-count", type=int, default=2)
-    p.add_argument("--log-level", default="info")
-    p.add_argument("--parent", type=int, default=0, help="supervising master's pid")
-    args = p.parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
-                        format="%(asctime)s [%(process)d] [health] %(levelname)s %(message)s")
-    checker = HealthChecker(args.db, args.volumes.split(","), interval=args.interval,
-                            timeout=args.timeout, fail_count=args.fail_count,
-                            ok_count=args.ok_count, writer_socket=args.writer_socket)
-
-    def stop() -> None:
-        checker.stopping = True
-
-    on_stop(stop, args.parent)
-    checker.run()
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,12 +1,12 @@
 """Run one mkv volume: stock nginx configured from deploy/nginx/.
 
-A volume is nothing but nginx serving a directory (DESIGN.md, "Volumes and the on-disk
-format"), so this module only renders the two templates and hands the process over to nginx.
+A volume is nothing but nginx serving a directory (docs/design.md, "Volumes and the
+on-disk format"), so this module only renders the two templates and hands the process over to nginx.
 Rendering is pure file output, testable without nginx; `run_volume` execs nginx in the
 foreground so a supervisor's SIGTERM/SIGINT reach nginx itself, with no Python in between.
 
-Templates are looked up in `$MKV_NGINX_TEMPLATES`, then in the checkout (mkv/../deploy/nginx),
-then next to this module (where a wheel would carry them if they are added as package data).
+Templates are looked up in `$MKV_NGINX_TEMPLATES`, then in the checkout (deploy/nginx), then
+where an installed wheel puts them (<prefix>/share/mkv/nginx).
 """
 
 from __future__ import annotations
@@ -24,6 +24,10 @@ from typing import NoReturn
 MAIN_TEMPLATE = "nginx.conf.template"
 SERVER_TEMPLATE = "volume.conf.template"
 TEMPLATES_ENV = "MKV_NGINX_TEMPLATES"
+#: deploy/nginx of the checkout this module runs from
+CHECKOUT_TEMPLATES = Path(__file__).resolve().parents[2] / "deploy" / "nginx"
+#: where an installed wheel puts them (setup.cfg, data_files): <prefix>/share/mkv/nginx
+INSTALLED_TEMPLATES = Path(sys.prefix) / "share" / "mkv" / "nginx"
 
 # Placeholders of the server block: the docker image renders the same file with envsubst, so
 # these are the only two it may use (see the template's header).
@@ -68,12 +72,11 @@ def find_nginx() -> str:
 
 
 def templates_dir() -> Path:
-    """Find the template directory, so the same code works from a checkout and elsewhere."""
+    """Find the template directory, so the same code works from a checkout and installed."""
     candidates: list[Path] = []
     if os.environ.get(TEMPLATES_ENV):
         candidates.append(Path(os.environ[TEMPLATES_ENV]))
-    here = Path(__file__).resolve().parent
-    candidates += [here.parent / "deploy" / "nginx", here]
+    candidates += [CHECKOUT_TEMPLATES, INSTALLED_TEMPLATES]
     for candidate in candidates:
         if (candidate / MAIN_TEMPLATE).is_file() and (candidate / SERVER_TEMPLATE).is_file():
             return candidate

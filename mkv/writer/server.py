@@ -1,24 +1,20 @@
-"""The writer process: the only process that changes the index.
+"""The writer process's server: the only code that changes the index.
 
-Workers send requests over a unix socket as length-prefixed JSON frames. The
-writer is one thread around a selector: each turn it reads every request that
-has arrived, runs them all in one transaction (group commit), commits, and only
-then answers — so an answer means durable, and many concurrent PUTs cost one
-commit. Key locks live here too, owned by the connection that took them, so a
-worker that dies releases its locks when the kernel closes its socket.
+Workers send requests over a unix socket as length-prefixed JSON frames. The writer is
+one thread around a selector: each turn it reads every request that has arrived, runs
+them all in one transaction (group commit), commits, and only then answers, so an
+answer means durable and many concurrent PUTs cost one commit. Key locks live here too,
+owned by the connection that took them, so a worker that dies releases its locks when
+the kernel closes its socket. docs/design.md, "Writer", has the protocol.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
 import logging
 import os
 import selectors
 import socket
-import struct
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -26,82 +22,21 @@ from typing import Any
 
 import apsw
 
-from mkv import index
-from mkv.freshness import ChangeCount
-from mkv.index import Record, State
-from mkv.supervise import on_stop
+from mkv.index import schema
+from mkv.index.cache import ChangeCount
+from mkv.model import Record, State
+from mkv.writer.protocol import (
+    RECV_BYTES,
+    WRITE_OPS,
+    KeyLocked,
+    WriterError,
+    encode_frame,
+    record_from_wire,
+    record_to_wire,
+    split_frames,
+)
 
 log = logging.getLogger("mkv.writer")
-
-_HEADER = struct.Struct("!I")
-#: Requests that change the index; anything else runs outside a transaction.
-WRITE_OPS = frozenset(("put", "state", "delete", "bulk"))
-MAX_FRAME = 64 << 20
-# socket.recv(n) allocates n bytes before it reads: a large n costs an mmap/munmap and
-# page faults on every call (16 us against 3 us for a 200-byte answer at 256 KiB).
-RECV_BYTES = 1 << 16
-
-
-class WriterError(Exception):
-    """The writer refused or failed a request; `code` says why."""
-
-    def __init__(self, code: str, detail: str = "") -> None:
-        super().__init__(f"{code}: {detail}" if detail else code)
-        self.code = code
-        self.detail = detail
-
-
-class KeyLocked(WriterError):
-    """Another request holds the key's lock (a write to it is in flight)."""
-
-    def __init__(self, key: str) -> None:
-        super().__init__("locked", key)
-
-
-class WriterUnavailable(WriterError):
-    """No writer answers on the socket (not started, restarting, or dead)."""
-
-    def __init__(self, detail: str) -> None:
-        super().__init__("unavailable", detail)
-
-
-# --- framing ---------------------------------------------------------------------------
-
-
-def encode_frame(obj: Any) -> bytes:
-    body = json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode()
-    return _HEADER.pack(len(body)) + body
-
-
-def split_frames(buf: bytearray) -> list[Any]:
-    """Remove and decode every complete frame at the front of `buf`."""
-    out = []
-    while len(buf) >= _HEADER.size:
-        (n,) = _HEADER.unpack_from(buf)
-        if n > MAX_FRAME:
-            raise WriterError("bad_request", f"frame of {n} bytes")
-        if len(buf) < _HEADER.size + n:
-            break
-        out.append(json.loads(bytes(buf[_HEADER.size:_HEADER.size + n])))
-        del buf[:_HEADER.size + n]
-    return out
-
-
-def record_to_wire(rec: Record | None) -> dict | None:
-    if rec is None:
-        return None
-    return {"key": rec.key, "state": int(rec.state), "volumes": list(rec.volumes),
-            "size": rec.size, "md5": rec.md5, "mtime": rec.mtime}
-
-
-def record_from_wire(d: dict | None) -> Record | None:
-    if d is None:
-        return None
-    return Record(d["key"], State(d["state"]), tuple(d["volumes"]), d["size"], d["md5"], d["mtime"])
-
-
-# --- server ----------------------------------------------------------------------------
-
 
 class _Conn:
     __slots__ = ("sock", "buf", "locks")
@@ -120,8 +55,8 @@ class WriterServer:
 
     def __init__(self, db_path: str, socket_path: str, synchronous: str = "NORMAL",
                  changes: ChangeCount | None = None) -> None:
-        self.db = index.open_index(db_path, synchronous=synchronous)
-        # the workers' record caches (mkv.freshness): counted once now, for a commit
+        self.db = schema.open_index(db_path, synchronous=synchronous)
+        # the workers' record caches (mkv.index.cache): counted once now, for a commit
         # that a killed predecessor made but had not counted yet
         self.changes = changes
         if changes is not None:
@@ -332,7 +267,7 @@ class WriterServer:
             raise KeyLocked(key)
         self.locks[key] = conn
         conn.locks.add(key)
-        return {"ok": True, "record": record_to_wire(index.read_record(self.db, key))}, None, 0
+        return {"ok": True, "record": record_to_wire(schema.read_record(self.db, key))}, None, 0
 
     def _op_unlock(self, conn: _Conn, req: dict) -> tuple[dict, str, int]:
         return {"ok": True}, req["key"], 0
@@ -347,7 +282,7 @@ class WriterServer:
         rec = Record(key, State(req.get("state", State.LIVE)), tuple(req["volumes"]),
                      int(req["size"]), str(req["md5"]), float(req.get("mtime") or time.time()))
         checked = "expect" in req or req.get("guard") == "new"
-        cur = index.read_record(self.db, key) if checked else None
+        cur = schema.read_record(self.db, key) if checked else None
         if "expect" in req and cur != record_from_wire(req["expect"]):
             if cur == rec:  # a retried compare-and-set finds its own write: already done
                 return self._done(conn, req)
@@ -356,7 +291,7 @@ class WriterServer:
             if cur != rec:  # a retried PUT finds its own record: already done
                 raise WriterError("conflict", key)
             return self._done(conn, req)
-        index.write_record(self.db, rec)
+        schema.write_record(self.db, rec)
         return self._done(conn, req)
 
     def _op_state(self, conn: _Conn, req: dict) -> tuple[dict, str | None, int]:
@@ -366,25 +301,25 @@ class WriterServer:
         key, state = req["key"], State(req["state"])
         self._need_lock(conn, req)
         if "expect" in req:
-            cur = index.read_record(self.db, key)
+            cur = schema.read_record(self.db, key)
             expected = record_from_wire(req["expect"])
             if cur != expected:
                 if expected is None or cur is None or dataclasses.replace(
                         cur, mtime=expected.mtime) != dataclasses.replace(expected, state=state):
                     raise WriterError("conflict", key)
                 return self._done(conn, req, record=record_to_wire(cur))
-        if not index.write_state(self.db, key, state):
+        if not schema.write_state(self.db, key, state):
             raise WriterError("not_found", key)
-        return self._done(conn, req, record=record_to_wire(index.read_record(self.db, key)))
+        return self._done(conn, req, record=record_to_wire(schema.read_record(self.db, key)))
 
     def _op_delete(self, conn: _Conn, req: dict) -> tuple[dict, str | None, int]:
         """Delete a record; with `expect`, only exactly that one (gone already: done)."""
         self._need_lock(conn, req)
         if "expect" in req:
-            cur = index.read_record(self.db, req["key"])
+            cur = schema.read_record(self.db, req["key"])
             if cur is not None and cur != record_from_wire(req["expect"]):
                 raise WriterError("conflict", req["key"])
-        index.write_delete(self.db, req["key"])
+        schema.write_delete(self.db, req["key"])
         return self._done(conn, req)
 
     def _op_bulk(self, conn: _Conn, req: dict) -> tuple[dict, None, int]:
@@ -393,187 +328,8 @@ class WriterServer:
         for rec in recs:
             if rec.key in self.locks:
                 raise KeyLocked(rec.key)
-        index.write_records(self.db, recs)
+        schema.write_records(self.db, recs)
         return {"ok": True, "count": len(recs)}, None, len(recs)
-
-
-# --- client ----------------------------------------------------------------------------
-
-
-class WriterClient:
-    """One connection to the writer. Use one per thread: locks belong to the connection."""
-
-    def __init__(self, socket_path: str, timeout: float = 30.0, retry_for: float = 15.0) -> None:
-        self.socket_path = socket_path
-        self.timeout = timeout
-        self.retry_for = retry_for
-        self._sock: socket.socket | None = None
-        self._buf = bytearray()
-
-    def _connect(self) -> socket.socket:
-        if self._sock is None:
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            sock.settimeout(self.timeout)
-            try:
-                sock.connect(self.socket_path)
-            except OSError as exc:
-                sock.close()
-                raise WriterUnavailable(f"{self.socket_path}: {exc}") from exc
-            self._sock = sock
-            self._buf.clear()
-        return self._sock
-
-    def close(self) -> None:
-        if self._sock is not None:
-            self._sock.close()
-            self._sock = None
-
-    def call(self, retry: bool = False, **req: Any) -> dict:
-        """Send one request and wait for its answer; raise a typed error if refused.
-
-        With `retry`, a lost writer (killed, restarting) is waited for up to
-        `retry_for` seconds and the request sent again with `acquire`, since the
-        lock died with the old connection. Only idempotent requests may retry.
-        """
-        try:
-            return self._call_once(req)
-        except WriterUnavailable:
-            if not retry:
-                raise
-        deadline = time.monotonic() + self.retry_for
-        pause = 0.05
-        while True:
-            time.sleep(pause)
-            try:
-                return self._call_once({**req, "acquire": True})
-            except WriterUnavailable:
-                if time.monotonic() + pause > deadline:
-                    raise
-                pause = min(pause * 2, 1.0)
-
-    def _call_once(self, req: dict) -> dict:
-        sock = self._connect()
-        try:
-            sock.sendall(encode_frame(req))
-            while True:
-                frames = split_frames(self._buf)
-                if frames:
-                    reply = frames[0]
-                    break
-                data = sock.recv(RECV_BYTES)
-                if not data:
-                    raise OSError("writer closed the connection")
-                self._buf += data
-        except OSError as exc:
-            self.close()
-            raise WriterUnavailable(str(exc)) from exc
-        if not reply.get("ok"):
-            code = reply.get("error", "error")
-            if code == "locked":
-                raise KeyLocked(reply.get("detail", ""))
-            raise WriterError(code, reply.get("detail", ""))
-        return reply
-
-    # conveniences that name the protocol's operations
-
-    def lock(self, key: str, *, retry: bool = False) -> Record | None:
-        """Take the key's lock; returns its current record (None if absent)."""
-        return record_from_wire(self.call(op="lock", key=key, retry=retry)["record"])
-
-    def unlock(self, key: str) -> None:
-        self.call(op="unlock", key=key)
-
-    def release(self, key: str) -> None:
-        """Give the key's lock back on the way out of a failed operation, never raising:
-        if the writer cannot be told, the connection is closed, and a lock dies with the
-        connection that took it (a writer that restarted holds none to begin with)."""
-        try:
-            self.unlock(key)
-        except Exception:  # noqa: BLE001 - closing releases it just the same
-            self.close()
-
-    def put(self, rec: Record, *, keep_lock: bool = False, retry: bool = False,
-            expect: Record | None = None, new: bool = False) -> None:
-        """Write `rec`. `new`: only if the key is not live (or is live as exactly `rec`,
-        which is what a retry after a lost answer finds). `expect`: only over exactly
-        that record (or, again, where `rec` is already)."""
-        req: dict[str, Any] = {"op": "put", "key": rec.key, "state": int(rec.state),
-                               "volumes": list(rec.volumes), "size": rec.size, "md5": rec.md5,
-                               "mtime": rec.mtime, "keep_lock": keep_lock}
-        if expect is not None:
-            req["expect"] = record_to_wire(expect)
-        if new:
-            req["guard"] = "new"
-        self.call(retry=retry, **req)
-
-    def set_state(self, key: str, state: State, *, keep_lock: bool = False,
-                  retry: bool = False, expect: Record | None = None) -> Record | None:
-        """Change the key's state; with `expect`, only if its record is exactly that.
-        Returns the record as changed (its mtime is the writer's)."""
-        req: dict[str, Any] = {"op": "state", "key": key, "state": int(state),
-                               "keep_lock": keep_lock}
-        if expect is not None:
-            req["expect"] = record_to_wire(expect)
-        return record_from_wire(self.call(retry=retry, **req)["record"])
-
-    def delete(self, key: str, *, keep_lock: bool = False, retry: bool = False,
-               expect: Record | None = None) -> None:
-        """Delete the key's record; with `expect`, only if it is exactly that one."""
-        req: dict[str, Any] = {"op": "delete", "key": key, "keep_lock": keep_lock}
-        if expect is not None:
-            req["expect"] = record_to_wire(expect)
-        self.call(retry=retry, **req)
-
-    def bulk(self, recs: list[Record]) -> int:
-        return self.call(op="bulk", records=[record_to_wire(r) for r in recs])["count"]
-
-    def ping(self) -> dict:
-        return self.call(op="ping")
-
-
-def wait_ready(socket_path: str, timeout: float = 10.0) -> dict:
-    """Block until a writer answers a ping on `socket_path`."""
-    deadline = time.monotonic() + timeout
-    while True:
-        client = WriterClient(socket_path, timeout=1.0)
-        try:
-            return client.ping()
-        except WriterUnavailable:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.02)
-        finally:
-            client.close()
-
-
-# --- process entry point ---------------------------------------------------------------
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m mkv.writer --db PATH --socket PATH`: started by `mkv serve`'s hooks."""
-    parser = argparse.ArgumentParser(prog="mkv-writer")
-    parser.add_argument("--db", required=True)
-    parser.add_argument("--socket", required=True)
-    parser.add_argument("--synchronous", default="NORMAL")
-    parser.add_argument("--log-level", default="info")
-    parser.add_argument("--parent", type=int, default=0, help="supervising master's pid")
-    parser.add_argument("--changes-fd", type=int, default=-1,
-                        help="the workers' shared change count (mkv.freshness), if any")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
-                        format="%(asctime)s [%(process)d] [writer] %(levelname)s %(message)s")
-    try:
-        changes = ChangeCount(args.changes_fd) if args.changes_fd >= 0 else None
-        server = WriterServer(args.db, args.socket, args.synchronous, changes)
-    except (WriterError, apsw.Error, OSError) as exc:
-        log.error("cannot start: %s", exc)
-        return 1
-
-    on_stop(server.stop, args.parent)
-    log.info("writing %s, listening on %s", args.db, args.socket)
-    server.serve()
-    log.info("stopped after %d commits of %d writes", server.commits, server.committed_ops)
-    return 0
 
 
 def serve_in_thread(db_path: str, socket_path: str) -> tuple[WriterServer, threading.Thread]:
@@ -582,7 +338,3 @@ def serve_in_thread(db_path: str, socket_path: str) -> tuple[WriterServer, threa
     thread = threading.Thread(target=server.serve, name="mkv-writer", daemon=True)
     thread.start()
     return server, thread
-
-
-if __name__ == "__main__":
-    sys.exit(main())

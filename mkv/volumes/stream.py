@@ -1,8 +1,5 @@
-"""Talking to nginx volumes: one urllib3 pool per process, typed errors.
-
-Every failure is one of a few exception classes, so callers decide by type
-(and the health of a volume can be charged) instead of parsing messages.
-"""
+"""Streamed transfers over urllib3: a large PUT fanned out to R volumes, a blob read in
+chunks, the health probe."""
 
 from __future__ import annotations
 
@@ -20,38 +17,7 @@ from urllib3.exceptions import (
     ReadTimeoutError,
 )
 
-
-class VolumeError(Exception):
-    """A volume request failed. `volume` is the one to blame."""
-
-    def __init__(self, volume: str, detail: str) -> None:
-        super().__init__(f"{volume}: {detail}")
-        self.volume = volume
-        self.detail = detail
-
-
-class VolumeUnreachable(VolumeError):
-    """Connection refused or reset: the volume is not there."""
-
-
-class VolumeTimeout(VolumeError):
-    """The volume accepted but did not answer in time."""
-
-
-class VolumeStatus(VolumeError):
-    """The volume answered with a status the operation does not allow."""
-
-    def __init__(self, volume: str, status: int, method: str, path: str) -> None:
-        super().__init__(volume, f"{method} {path} answered {status}")
-        self.status = status
-
-
-class ShortWrite(VolumeError):
-    """The body source ended before the announced length (a torn upload)."""
-
-
-class UploadAborted(Exception):
-    """The caller gave up on a streamed upload (client gone, another replica failed)."""
+from mkv.volumes.errors import ShortWrite, UploadAborted, VolumeStatus, VolumeTimeout, VolumeUnreachable
 
 
 def url(volume: str, path: str) -> str:
@@ -102,6 +68,8 @@ class VolumePool:
 
 
 _END = object()
+
+
 _ABORT = object()
 
 

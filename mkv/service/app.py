@@ -16,11 +16,12 @@ from collections.abc import Callable, Iterator
 
 import falcon
 
-from mkv import core, metrics
+from mkv import core
 from mkv.config import Config
 from mkv.core import Health
 from mkv.keys import BadKey, check_key, decode_path
-from mkv.store import (
+from mkv.service import metrics
+from mkv.service.store import (
     BadDigest,
     ClientGone,
     InFlight,
@@ -31,9 +32,9 @@ from mkv.store import (
     Unavailable,
     VolumeFailed,
 )
-from mkv.writer import WriterError, WriterUnavailable
+from mkv.writer.protocol import WriterError, WriterUnavailable
 
-log = logging.getLogger("mkv.api")
+log = logging.getLogger("mkv.service.app")
 
 KEY_METHODS = ("GET", "HEAD", "PUT", "DELETE", "UNLINK")
 

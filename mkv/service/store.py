@@ -17,18 +17,23 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from mkv import core, index, metrics
+from mkv import core
 from mkv.config import Config
 from mkv.core import Health, Verdict
-from mkv.health import FailureReporter
-from mkv.index import Record, State
+from mkv.health.reporter import FailureReporter
+from mkv.index import schema
 from mkv.keys import blob_path, sidecar_body, sidecar_path
-from mkv.pipeline import Pool, Request
+from mkv.model import Record, State
 from mkv.ring import Ring
-from mkv.volume import FanOut, ShortWrite, UploadAborted, VolumeError, VolumePool, VolumeStatus
-from mkv.writer import KeyLocked, WriterClient, WriterError
+from mkv.service import metrics
+from mkv.volumes.errors import ShortWrite, UploadAborted, VolumeError, VolumeStatus
+from mkv.volumes.pool import Pool
+from mkv.volumes.stream import FanOut, VolumePool
+from mkv.volumes.wire import Request
+from mkv.writer.client import WriterClient
+from mkv.writer.protocol import KeyLocked, WriterError
 
-log = logging.getLogger("mkv.store")
+log = logging.getLogger("mkv.service.store")
 
 CHUNK = 1 << 20
 HEALTH_CACHE_SECONDS = 0.5
@@ -91,7 +96,7 @@ def parse_content_md5(header: str | None) -> str | None:
 
 
 class Store:
-    def __init__(self, cfg: Config, reader: index.Reader, pool: VolumePool,
+    def __init__(self, cfg: Config, reader: schema.Reader, pool: VolumePool,
                  writer_factory: Callable[[], WriterClient],
                  reporter: FailureReporter | None = None) -> None:
         self.cfg = cfg

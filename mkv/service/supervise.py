@@ -16,7 +16,7 @@ import threading
 import time
 from collections.abc import Callable
 
-log = logging.getLogger("mkv.supervise")
+log = logging.getLogger("mkv.service.supervise")
 
 
 def on_stop(stop: Callable[[], None], parent: int = 0, poll: float = 0.5) -> None:

@@ -1,156 +1,21 @@
-"""Pipelined HTTP/1.1 to nginx volumes over kept-alive sockets.
+"""The volume client: kept-alive connections per volume shared by a process's threads.
 
-For the requests where urllib3's per-request cost dominates: a small PUT sends
-its blob and sidecar to a volume in one write and reads both answers; sidecars,
-copy removals (sidecar then blob) and the rebalance's HEAD checks go to every
-volume at once without a thread each; a copied blob is followed by its sidecar on
-the same connection; rebuild sends dozens of GETs back to back. nginx answers
-pipelined requests in order, so a sidecar is still written only after its blob is
-complete. Only what nginx speaks is parsed: Content-Length or chunked bodies
-(none after a HEAD).
+Small requests (a small PUT's blob and sidecar, sidecars, copy removals, the rebalance's
+HEAD checks, the rebuild's listings and sidecar reads) are pipelined, every volume at once
+without a thread each; a streamed body goes on a connection of its own and is followed by
+its sidecar on the same connection, so a sidecar is still written only after its blob is
+complete.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import socket
 import threading
 from collections import defaultdict
 from collections.abc import Iterable
 
 from mkv.keys import blob_path, sidecar_path
-from mkv.volume import ShortWrite, VolumeError, VolumeStatus, VolumeTimeout, VolumeUnreachable
-
-# socket.recv(n) allocates n bytes first; keep n small (see mkv.writer.RECV_BYTES)
-RECV_BYTES = 1 << 16
-
-
-class Dropped(Exception):
-    """The connection closed before a full answer arrived."""
-
-
-class BadResponse(Exception):
-    """Not HTTP as nginx speaks it."""
-
-
-@dataclasses.dataclass(frozen=True)
-class Request:
-    method: str
-    path: str
-    body: bytes | None = None
-
-
-@dataclasses.dataclass(frozen=True)
-class Reply:
-    status: int
-    length: int  # Content-Length, -1 when the answer had none
-    body: bytes
-
-
-class Connection:
-    """One keep-alive connection to a volume. Not thread-safe."""
-
-    def __init__(self, volume: str, timeout: float, agent: str = "mkv") -> None:
-        self.volume = volume
-        hostport, _, prefix = volume.partition("/")
-        self.prefix = "/" + prefix if prefix else ""
-        host, _, port = hostport.rpartition(":")
-        self.addr = (host[1:-1] if host.startswith("[") else host, int(port))
-        self.headers = f" HTTP/1.1\r\nHost: {hostport}\r\nUser-Agent: {agent}\r\n"
-        self.timeout = timeout
-        self.sock: socket.socket | None = None
-        self.buf = bytearray()
-        self.pos = 0
-        self.reused = False  # served an earlier exchange: nginx may have closed it since
-
-    def close(self) -> None:
-        if self.sock is not None:
-            try:
-                self.sock.close()
-            except OSError:
-                pass
-        self.sock = None
-        self.buf = bytearray()
-        self.pos = 0
-        self.reused = False
-
-    def encode(self, req: Request) -> bytes:
-        if req.body is None:
-            return f"{req.method} {self.prefix}{req.path}{self.headers}\r\n".encode()
-        return self.head(req.method, req.path, len(req.body)) + req.body
-
-    def head(self, method: str, path: str, length: int) -> bytes:
-        """The request line and headers of a request with a body of `length` bytes."""
-        return f"{method} {self.prefix}{path}{self.headers}Content-Length: {length}\r\n\r\n".encode()
-
-    def send(self, data: bytes) -> None:
-        if self.sock is None:
-            self.sock = socket.create_connection(self.addr, timeout=self.timeout)
-            self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.sock.sendall(data)
-
-    def _fill(self) -> None:
-        assert self.sock is not None
-        data = self.sock.recv(RECV_BYTES)
-        if not data:
-            raise Dropped("connection closed by the volume")
-        if self.pos and self.pos >= len(self.buf) // 2:
-            del self.buf[:self.pos]
-            self.pos = 0
-        self.buf += data
-
-    def _line_end(self, pos: int) -> int:
-        while (end := self.buf.find(b"\r\n", pos)) < 0:
-            self._fill()
-            pos = self.pos  # _fill may have compacted the buffer
-        return end
-
-    def _take(self, n: int) -> bytes:
-        while len(self.buf) - self.pos < n:
-            self._fill()
-        body = bytes(self.buf[self.pos:self.pos + n])
-        self.pos += n
-        return body
-
-    def response(self, head_only: bool = False) -> tuple[int, int, bytes, bool]:
-        """(status, Content-Length, body, the volume will close the connection) of the
-        next answer. An answer to HEAD (`head_only`) announces a length but has no body."""
-        while (end := self.buf.find(b"\r\n\r\n", self.pos)) < 0:
-            self._fill()
-        head = bytes(self.buf[self.pos:end]).lower()
-        self.pos = end + 4
-        if not head.startswith(b"http/1."):
-            raise BadResponse(f"not an HTTP response: {head[:40]!r}")
-        status = int(head[9:12])
-        closing = b"\r\nconnection: close" in head
-        i = head.find(b"\r\ncontent-length:")
-        length = -1
-        if i >= 0:
-            j = head.find(b"\r\n", i + 2)
-            length = int(head[i + 17:j if j >= 0 else len(head)])
-        if head_only or status in (204, 304):
-            body = b""
-        elif length >= 0:
-            body = self._take(length)
-        elif b"\r\ntransfer-encoding: chunked" in head:
-            body = self._chunked()
-        else:
-            raise BadResponse("response without a length")
-        return status, length, body, closing
-
-    def _chunked(self) -> bytes:
-        parts = []
-        while True:
-            end = self._line_end(self.pos)
-            size = int(bytes(self.buf[self.pos:end]).split(b";")[0], 16)
-            self.pos = end + 2
-            if size == 0:
-                while (end := self._line_end(self.pos)) != self.pos:  # trailers, then a blank
-                    self.pos = end + 2
-                self.pos += 2
-                return b"".join(parts)
-            parts.append(self._take(size))
-            self._take(2)
+from mkv.volumes.errors import ShortWrite, VolumeError, VolumeStatus, VolumeTimeout, VolumeUnreachable
+from mkv.volumes.wire import BadResponse, Connection, Dropped, Reply, Request
 
 
 def _volume_error(volume: str, req: Request, exc: BaseException) -> VolumeError:

@@ -20,7 +20,7 @@ import os
 import struct
 from collections.abc import Callable
 
-from mkv.index import Record
+from mkv.model import Record
 
 _COUNT = struct.Struct("=Q")
 

@@ -21,8 +21,8 @@ import enum
 import json
 from collections.abc import Iterable, Mapping, Sequence
 
-from mkv.index import Record, State
 from mkv.keys import key_hash
+from mkv.model import Record, State
 from mkv.ring import Ring
 
 HEX = "0123456789abcdef"

@@ -1,0 +1,109 @@
+"""Reading the index: one key, a page of a prefix, the published volume health, the
+tools' walk. Each gunicorn worker holds one Reader (one connection per thread)."""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Callable, Iterator
+
+import apsw
+
+from mkv.index.cache import RecordCache
+from mkv.index.schema import COLUMNS, row_to_record
+from mkv.keys import next_prefix
+from mkv.model import HealthRow, Record, State
+
+
+class Reader:
+    """Read access to the index, for one thread or many.
+
+    Given a connection, it is shared and guarded by a lock (apsw refuses
+    concurrent use of one connection). Given a function that opens one, each
+    thread gets its own: a gthread worker's threads then never queue behind a
+    thread that holds the lock while it waits for the GIL.
+    """
+
+    def __init__(self, source: apsw.Connection | Callable[[], apsw.Connection],
+                 cache: RecordCache | None = None) -> None:
+        self.cache = cache
+        if isinstance(source, apsw.Connection):
+            self._shared: apsw.Connection | None = source
+            self._lock: contextlib.AbstractContextManager = threading.Lock()
+        else:
+            self._shared = None
+            self._open = source
+            self._local = threading.local()
+            self._lock = contextlib.nullcontext()
+
+    @property
+    def conn(self) -> apsw.Connection:
+        if self._shared is not None:
+            return self._shared
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = self._local.conn = self._open()
+        return conn
+
+    def get(self, key: str) -> Record | None:
+        """The key's record; through the cache when there is one (mkv.index.cache)."""
+        if self.cache is not None:
+            return self.cache.get(key, self._read)
+        return self._read(key)
+
+    def _read(self, key: str) -> Record | None:
+        with self._lock:
+            row = self.conn.execute(f"SELECT {COLUMNS} FROM keys WHERE key=?", (key,)).fetchone()
+        return row_to_record(row) if row else None
+
+    def list_keys(self, prefix: str, start: str, limit: int, state: State) -> tuple[list[str], str]:
+        """One page of keys under `prefix` from `start` (inclusive), and the next start or ""."""
+        low = max(prefix, start)
+        high = next_prefix(prefix)
+        sql = "SELECT key FROM keys WHERE key >= ? AND state = ?"
+        args: list = [low, int(state)]
+        if high is not None:
+            sql += " AND key < ?"
+            args.append(high)
+        sql += " ORDER BY key LIMIT ?"
+        args.append(limit + 1)
+        with self._lock:
+            keys = [row[0] for row in self.conn.execute(sql, args)]
+        if len(keys) > limit:
+            return keys[:limit], keys[limit]
+        return keys, ""
+
+    def iter_keys(self, prefix: str, start: str, state: State, page: int = 1000) -> Iterator[str]:
+        """Every key under `prefix`, fetched a page at a time so memory stays bounded."""
+        while True:
+            keys, start = self.list_keys(prefix, start, page, state)
+            yield from keys
+            if not start:
+                return
+
+    def health(self) -> dict[str, HealthRow]:
+        with self._lock:
+            rows = self.conn.execute(
+                "SELECT volume, up, checked, since, latency_ms, error FROM volume_health"
+            ).fetchall()
+        return {r[0]: HealthRow(r[0], bool(r[1]), r[2], r[3], r[4], r[5]) for r in rows}
+
+    def records_in_state(self, state: State, after: str = "", limit: int = 1000) -> list[Record]:
+        with self._lock:
+            rows = self.conn.execute(
+                f"SELECT {COLUMNS} FROM keys WHERE state=? AND key>? ORDER BY key LIMIT ?",
+                (int(state), after, limit),
+            ).fetchall()
+        return [row_to_record(r) for r in rows]
+
+    def scan(self, after: str = "", limit: int = 1000) -> list[Record]:
+        """Records of every state in key order after `after`: the tools' walk."""
+        with self._lock:
+            rows = self.conn.execute(
+                f"SELECT {COLUMNS} FROM keys WHERE key>? ORDER BY key LIMIT ?", (after, limit)
+            ).fetchall()
+        return [row_to_record(r) for r in rows]
+
+    def count(self) -> int:
+        with self._lock:
+            return self.conn.execute("SELECT count(*) FROM keys").fetchone()[0]

@@ -1,0 +1,129 @@
+"""The SQLite index file: schema, pragmas, and the statements the writer runs.
+
+Workers only read (mkv.index.reader); every change goes through the writer process,
+which calls the `write_*` functions inside its group-commit transaction. Keys sort by
+bytes (BINARY collation), so listing a prefix is a range scan on the primary key.
+docs/design.md, "Index", has the schema's reasons.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+
+import apsw
+
+from mkv.model import HealthRow, Record, State
+
+SCHEMA_VERSION = 1
+
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS keys(
+    key TEXT PRIMARY KEY,
+    state INT NOT NULL,
+    volumes TEXT NOT NULL,
+    size INT NOT NULL,
+    md5 TEXT NOT NULL,
+    mtime REAL NOT NULL
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS keys_pending ON keys(state) WHERE state >= 3;
+CREATE TABLE IF NOT EXISTS volume_health(
+    volume TEXT PRIMARY KEY,
+    up INT NOT NULL,
+    checked REAL NOT NULL,
+    since REAL NOT NULL,
+    latency_ms REAL,
+    error TEXT
+);
+CREATE TABLE IF NOT EXISTS meta(name TEXT PRIMARY KEY, value TEXT);
+"""
+
+
+class SchemaError(RuntimeError):
+    """The database file was made by an incompatible version of mkv."""
+
+
+def connect(path: str, *, synchronous: str = "NORMAL", create: bool = False) -> apsw.Connection:
+    """Open the index with the pragmas every process uses.
+
+    WAL lets readers run while the writer commits; synchronous=NORMAL in WAL mode
+    survives a crash of any process (only power loss can drop the last commits;
+    FULL closes that too). mmap makes reads cheap.
+    """
+    flags = apsw.SQLITE_OPEN_READWRITE | (apsw.SQLITE_OPEN_CREATE if create else 0)
+    conn = apsw.Connection(path, flags=flags)
+    conn.set_busy_timeout(10_000)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute(f"PRAGMA synchronous={synchronous}")
+    conn.execute("PRAGMA mmap_size=268435456")
+    conn.execute("PRAGMA cache_size=-65536")
+    return conn
+
+
+def init_schema(conn: apsw.Connection) -> None:
+    """Create the tables if missing and check the schema version."""
+    with conn:
+        conn.execute(SCHEMA)
+        row = conn.execute("SELECT value FROM meta WHERE name='schema_version'").fetchone()
+        if row is None:
+            conn.execute("INSERT INTO meta VALUES('schema_version', ?)", (str(SCHEMA_VERSION),))
+        elif int(row[0]) != SCHEMA_VERSION:
+            raise SchemaError(f"index schema version {row[0]}, this mkv needs {SCHEMA_VERSION}")
+
+
+def open_index(path: str, *, synchronous: str = "NORMAL") -> apsw.Connection:
+    """Open (creating if needed) an index ready for writing."""
+    conn = connect(path, synchronous=synchronous, create=True)
+    init_schema(conn)
+    return conn
+
+
+def row_to_record(row: tuple) -> Record:
+    key, state, volumes, size, md5, mtime = row
+    return Record(key, State(state), tuple(volumes.split(",")) if volumes else (), size, md5, mtime)
+
+
+COLUMNS = "key, state, volumes, size, md5, mtime"
+
+
+def write_record(conn: apsw.Connection, rec: Record) -> None:
+    conn.execute(
+        f"INSERT INTO keys({COLUMNS}) VALUES(?,?,?,?,?,?) ON CONFLICT(key) DO UPDATE SET "
+        "state=excluded.state, volumes=excluded.volumes, size=excluded.size, "
+        "md5=excluded.md5, mtime=excluded.mtime",
+        (rec.key, int(rec.state), ",".join(rec.volumes), rec.size, rec.md5, rec.mtime),
+    )
+
+
+def write_records(conn: apsw.Connection, recs: Iterable[Record]) -> None:
+    """Bulk insert for the tools: one prepared statement, many rows."""
+    conn.executemany(
+        f"INSERT INTO keys({COLUMNS}) VALUES(?,?,?,?,?,?) ON CONFLICT(key) DO UPDATE SET "
+        "state=excluded.state, volumes=excluded.volumes, size=excluded.size, "
+        "md5=excluded.md5, mtime=excluded.mtime",
+        ((r.key, int(r.state), ",".join(r.volumes), r.size, r.md5, r.mtime) for r in recs),
+    )
+
+
+def read_record(conn: apsw.Connection, key: str) -> Record | None:
+    row = conn.execute(f"SELECT {COLUMNS} FROM keys WHERE key=?", (key,)).fetchone()
+    return row_to_record(row) if row else None
+
+
+def write_state(conn: apsw.Connection, key: str, state: State) -> bool:
+    conn.execute("UPDATE keys SET state=?, mtime=? WHERE key=?", (int(state), time.time(), key))
+    return conn.changes() > 0
+
+
+def write_delete(conn: apsw.Connection, key: str) -> bool:
+    conn.execute("DELETE FROM keys WHERE key=?", (key,))
+    return conn.changes() > 0
+
+
+def write_health(conn: apsw.Connection, rows: Iterable[HealthRow]) -> None:
+    with conn:
+        conn.executemany(
+            "INSERT OR REPLACE INTO volume_health VALUES(?,?,?,?,?,?)",
+            ((r.volume, int(r.up), r.checked, r.since, r.latency_ms, r.error) for r in rows),
+        )

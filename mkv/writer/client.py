@@ -1,0 +1,166 @@
+"""A connection to the writer process, for workers, the health process and the tools.
+Use one per thread: key locks belong to the connection that took them."""
+
+from __future__ import annotations
+
+import socket
+import time
+from typing import Any
+
+from mkv.model import Record, State
+from mkv.writer.protocol import (
+    RECV_BYTES,
+    KeyLocked,
+    WriterError,
+    WriterUnavailable,
+    encode_frame,
+    record_from_wire,
+    record_to_wire,
+    split_frames,
+)
+
+
+class WriterClient:
+    """One connection to the writer. Use one per thread: locks belong to the connection."""
+
+    def __init__(self, socket_path: str, timeout: float = 30.0, retry_for: float = 15.0) -> None:
+        self.socket_path = socket_path
+        self.timeout = timeout
+        self.retry_for = retry_for
+        self._sock: socket.socket | None = None
+        self._buf = bytearray()
+
+    def _connect(self) -> socket.socket:
+        if self._sock is None:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.settimeout(self.timeout)
+            try:
+                sock.connect(self.socket_path)
+            except OSError as exc:
+                sock.close()
+                raise WriterUnavailable(f"{self.socket_path}: {exc}") from exc
+            self._sock = sock
+            self._buf.clear()
+        return self._sock
+
+    def close(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+
+    def call(self, retry: bool = False, **req: Any) -> dict:
+        """Send one request and wait for its answer; raise a typed error if refused.
+
+        With `retry`, a lost writer (killed, restarting) is waited for up to
+        `retry_for` seconds and the request sent again with `acquire`, since the
+        lock died with the old connection. Only idempotent requests may retry.
+        """
+        try:
+            return self._call_once(req)
+        except WriterUnavailable:
+            if not retry:
+                raise
+        deadline = time.monotonic() + self.retry_for
+        pause = 0.05
+        while True:
+            time.sleep(pause)
+            try:
+                return self._call_once({**req, "acquire": True})
+            except WriterUnavailable:
+                if time.monotonic() + pause > deadline:
+                    raise
+                pause = min(pause * 2, 1.0)
+
+    def _call_once(self, req: dict) -> dict:
+        sock = self._connect()
+        try:
+            sock.sendall(encode_frame(req))
+            while True:
+                frames = split_frames(self._buf)
+                if frames:
+                    reply = frames[0]
+                    break
+                data = sock.recv(RECV_BYTES)
+                if not data:
+                    raise OSError("writer closed the connection")
+                self._buf += data
+        except OSError as exc:
+            self.close()
+            raise WriterUnavailable(str(exc)) from exc
+        if not reply.get("ok"):
+            code = reply.get("error", "error")
+            if code == "locked":
+                raise KeyLocked(reply.get("detail", ""))
+            raise WriterError(code, reply.get("detail", ""))
+        return reply
+
+    # conveniences that name the protocol's operations
+
+    def lock(self, key: str, *, retry: bool = False) -> Record | None:
+        """Take the key's lock; returns its current record (None if absent)."""
+        return record_from_wire(self.call(op="lock", key=key, retry=retry)["record"])
+
+    def unlock(self, key: str) -> None:
+        self.call(op="unlock", key=key)
+
+    def release(self, key: str) -> None:
+        """Give the key's lock back on the way out of a failed operation, never raising:
+        if the writer cannot be told, the connection is closed, and a lock dies with the
+        connection that took it (a writer that restarted holds none to begin with)."""
+        try:
+            self.unlock(key)
+        except Exception:  # noqa: BLE001 - closing releases it just the same
+            self.close()
+
+    def put(self, rec: Record, *, keep_lock: bool = False, retry: bool = False,
+            expect: Record | None = None, new: bool = False) -> None:
+        """Write `rec`. `new`: only if the key is not live (or is live as exactly `rec`,
+        which is what a retry after a lost answer finds). `expect`: only over exactly
+        that record (or, again, where `rec` is already)."""
+        req: dict[str, Any] = {"op": "put", "key": rec.key, "state": int(rec.state),
+                               "volumes": list(rec.volumes), "size": rec.size, "md5": rec.md5,
+                               "mtime": rec.mtime, "keep_lock": keep_lock}
+        if expect is not None:
+            req["expect"] = record_to_wire(expect)
+        if new:
+            req["guard"] = "new"
+        self.call(retry=retry, **req)
+
+    def set_state(self, key: str, state: State, *, keep_lock: bool = False,
+                  retry: bool = False, expect: Record | None = None) -> Record | None:
+        """Change the key's state; with `expect`, only if its record is exactly that.
+        Returns the record as changed (its mtime is the writer's)."""
+        req: dict[str, Any] = {"op": "state", "key": key, "state": int(state),
+                               "keep_lock": keep_lock}
+        if expect is not None:
+            req["expect"] = record_to_wire(expect)
+        return record_from_wire(self.call(retry=retry, **req)["record"])
+
+    def delete(self, key: str, *, keep_lock: bool = False, retry: bool = False,
+               expect: Record | None = None) -> None:
+        """Delete the key's record; with `expect`, only if it is exactly that one."""
+        req: dict[str, Any] = {"op": "delete", "key": key, "keep_lock": keep_lock}
+        if expect is not None:
+            req["expect"] = record_to_wire(expect)
+        self.call(retry=retry, **req)
+
+    def bulk(self, recs: list[Record]) -> int:
+        return self.call(op="bulk", records=[record_to_wire(r) for r in recs])["count"]
+
+    def ping(self) -> dict:
+        return self.call(op="ping")
+
+
+def wait_ready(socket_path: str, timeout: float = 10.0) -> dict:
+    """Block until a writer answers a ping on `socket_path`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        client = WriterClient(socket_path, timeout=1.0)
+        try:
+            return client.ping()
+        except WriterUnavailable:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.02)
+        finally:
+            client.close()
