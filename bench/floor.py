@@ -33,7 +33,7 @@ from mkv.index import schema
 from mkv.index.reader import Reader
 from mkv.keys import blob_path, sidecar_body, sidecar_path
 from mkv.service.store import Store
-from mkv.volumes.stream import VolumePool
+from mkv.volumes.pool import Pool
 from mkv.volumes.wire import Request
 from mkv.writer.client import WriterClient, wait_ready
 from tests.cluster import NginxVolume
@@ -73,7 +73,7 @@ def measure(cfg: Config, changes: ChangeCount, n: int, big: int) -> list[tuple[s
     def store(config: Config, cached: bool = False) -> Store:
         reader = Reader(lambda: schema.connect(config.db),
                               RecordCache(changes) if cached else None)
-        return Store(config, reader, VolumePool(config.volume_timeout),
+        return Store(config, reader, Pool(config.volume_timeout),
                      lambda: WriterClient(config.writer_socket, timeout=10))
 
     plain, cached, no_md5 = store(cfg), store(cfg, cached=True), store(dataclasses.replace(cfg, md5=False))
@@ -86,7 +86,7 @@ def measure(cfg: Config, changes: ChangeCount, n: int, big: int) -> list[tuple[s
         key = f"/floor/pipe/{i}"
         both = [Request("PUT", blob_path(key), small),
                 Request("PUT", sidecar_path(key), sidecar_body(key, KIB, ""))]
-        return plain.pipes.exchange({v: both for v in cfg.volumes})
+        return plain.pool.exchange({v: both for v in cfg.volumes})
 
     def writer_pair(i: int) -> object:
         plain.writer.lock(f"/floor/lock/{i}")

@@ -36,6 +36,7 @@ from mkv.ring import Ring
 from mkv.tools import rebuild, scan
 from mkv.tools.scan import Candidate, KeyResolver, Kind, Leaf
 from mkv.volumes.errors import VolumeUnreachable
+from mkv.volumes.pool import Retry
 from tests.cluster import NginxVolume, free_port
 from tests.service import MkvService
 
@@ -350,27 +351,25 @@ class ScriptedServer:
         self.sock.close()
 
 
-def test_pipe_parses_chunked_answers_and_resends_after_connection_close() -> None:
+def test_reads_parse_chunked_answers_and_resend_after_connection_close() -> None:
     server = ScriptedServer(close_every=5)
     try:
-        counted = []
-        pipe = rebuild.Pipe(f"127.0.0.1:{server.port}/pre", 5.0, lambda n, s: counted.append(n))
+        reads = rebuild.Reads(5.0)
         paths = [f"/ab/{i}" for i in range(23)] + ["/missing"]
-        out = pipe.get_many(paths)
+        out = reads.get_many(f"127.0.0.1:{server.port}/pre", paths)
         assert out[:-1] == [(200, f"/pre/ab/{i}".encode()) for i in range(23)]
         assert out[-1][0] == 404
         assert server.connections == 5  # 24 answers, a new connection every 5
-        assert sum(counted) == 24
-        pipe.close()
+        assert reads.requests == 24
+        reads.close()
     finally:
         server.close()
 
 
-def test_pipe_gives_up_on_a_refusing_volume(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(rebuild, "BACKOFF", (0.01, 0.01, 0.01))
-    pipe = rebuild.Pipe(f"127.0.0.1:{free_port()}", 1.0, lambda n, s: None)
+def test_reads_give_up_on_a_refusing_volume(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(rebuild, "PATIENT", Retry(attempts=4, backoff=(0.01,)))
     with pytest.raises(VolumeUnreachable):
-        pipe.get_many(["/"])
+        rebuild.Reads(1.0).get_many(f"127.0.0.1:{free_port()}", ["/"])
 
 
 # --- the index file ----------------------------------------------------------------------------

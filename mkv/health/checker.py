@@ -27,7 +27,6 @@ from mkv.index.reader import Reader
 from mkv.model import HealthRow, State
 from mkv.volumes.errors import VolumeError
 from mkv.volumes.pool import Pool
-from mkv.volumes.stream import VolumePool
 from mkv.writer.client import WriterClient
 from mkv.writer.protocol import KeyLocked, WriterError
 
@@ -45,8 +44,7 @@ class HealthChecker:
         self.ok_count = ok_count
         self.conn = schema.open_index(db)
         self.reader = Reader(self.conn)
-        self.pool = VolumePool(timeout, maxsize=4)
-        self.pipes = Pool(timeout)  # pending-delete cleanup
+        self.pool = Pool(timeout)  # probes and the pending-delete cleanup
         self.executor = ThreadPoolExecutor(max_workers=max(4, len(self.volumes)))
         self.writer = WriterClient(writer_socket, timeout=timeout * 5)
         self.states: dict[str, ProbeState] = {}
@@ -132,7 +130,7 @@ class HealthChecker:
                 if current is None or current.state is not State.DELETING:
                     self.writer.unlock(rec.key)
                     continue
-                failed = self.pipes.remove_copies(rec.key, current.volumes)
+                failed = self.pool.remove_copies(rec.key, current.volumes)
                 left = tuple(v for v in current.volumes if v in failed)
                 if left:
                     self.writer.put(dataclasses.replace(current, volumes=left), expect=current)

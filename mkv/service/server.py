@@ -28,7 +28,7 @@ from mkv.service import metrics
 from mkv.service.app import create_app
 from mkv.service.store import Store
 from mkv.service.supervise import Child, Supervisor
-from mkv.volumes.stream import VolumePool
+from mkv.volumes.pool import Pool
 from mkv.writer.client import WriterClient, wait_ready
 
 log = logging.getLogger("mkv.server")
@@ -42,7 +42,7 @@ def build_store(cfg: Config, changes: ChangeCount | None) -> Store:
     """One worker's Store: its own index connections, volume connections and writer clients."""
     reader = Reader(lambda: schema.connect(cfg.db, synchronous=cfg.synchronous),
                     RecordCache(changes) if changes is not None else None)
-    return Store(cfg, reader, VolumePool(cfg.volume_timeout, maxsize=cfg.threads * 2),
+    return Store(cfg, reader, Pool(cfg.volume_timeout),
                  lambda: WriterClient(cfg.writer_socket, timeout=cfg.volume_timeout * 3),
                  FailureReporter(health_socket_path(cfg.db)))
 

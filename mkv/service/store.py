@@ -21,14 +21,13 @@ from mkv import core
 from mkv.config import Config
 from mkv.core import Health, Verdict
 from mkv.health.reporter import FailureReporter
-from mkv.index import schema
+from mkv.index.reader import Reader
 from mkv.keys import blob_path, sidecar_body, sidecar_path
 from mkv.model import Record, State
 from mkv.ring import Ring
 from mkv.service import metrics
 from mkv.volumes.errors import ShortWrite, UploadAborted, VolumeError, VolumeStatus
-from mkv.volumes.pool import Pool
-from mkv.volumes.stream import FanOut, VolumePool
+from mkv.volumes.pool import FanOut, Pool
 from mkv.volumes.wire import Request
 from mkv.writer.client import WriterClient
 from mkv.writer.protocol import KeyLocked, WriterError
@@ -96,7 +95,7 @@ def parse_content_md5(header: str | None) -> str | None:
 
 
 class Store:
-    def __init__(self, cfg: Config, reader: schema.Reader, pool: VolumePool,
+    def __init__(self, cfg: Config, reader: Reader, pool: Pool,
                  writer_factory: Callable[[], WriterClient],
                  reporter: FailureReporter | None = None) -> None:
         self.cfg = cfg
@@ -111,7 +110,6 @@ class Store:
         self._health_at = -1.0
         self._spread = itertools.count()
         self.reporter = reporter
-        self.pipes = Pool(cfg.volume_timeout)
         self._suspects: dict[str, float] = {}
 
     # --- facts ---
@@ -235,7 +233,7 @@ class Store:
         failed: list[VolumeError] = []
         for _attempt in range(3):
             todo = [v for v in volumes if v not in done]
-            errors: list[VolumeError] = list(self.pipes.exchange({v: both for v in todo}).values())
+            errors: list[VolumeError] = list(self.pool.exchange({v: both for v in todo}).values())
             self._blame(errors)
             failed += errors
             bad = {e.volume for e in errors}
@@ -297,13 +295,13 @@ class Store:
                ) -> list[VolumeError]:
         """Small requests (sidecars, deletes) pipelined on every volume at once, with no
         thread per volume; the volume errors, already blamed."""
-        errors = list(self.pipes.exchange(work, ok).values())
+        errors = list(self.pool.exchange(work, ok).values())
         self._blame(errors)
         return errors
 
     def _remove(self, key: str, volumes: list[str] | tuple[str, ...]) -> list[VolumeError]:
         """Remove the key's copies on these volumes (Pool.remove_copies)."""
-        errors = list(self.pipes.remove_copies(key, volumes).values())
+        errors = list(self.pool.remove_copies(key, volumes).values())
         self._blame(errors)
         for err in errors:
             log.warning("could not remove %r from %s: %s", key, err.volume, err.detail)

@@ -24,7 +24,6 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import configargparse
-import urllib3
 
 from mkv import config as config_mod
 from mkv import core
@@ -35,8 +34,7 @@ from mkv.keys import blob_path, sidecar_body, sidecar_path
 from mkv.model import Record, State
 from mkv.ring import Ring
 from mkv.volumes.errors import UploadAborted, VolumeError
-from mkv.volumes.pool import Pool
-from mkv.volumes.stream import FanOut, VolumePool
+from mkv.volumes.pool import Download, FanOut, Pool
 from mkv.volumes.wire import Request
 from mkv.writer.client import WriterClient
 from mkv.writer.protocol import KeyLocked, WriterError, WriterUnavailable
@@ -88,8 +86,7 @@ class Rebalancer:
         self.cfg = cfg
         self.ring = Ring(cfg.volumes, **({"vnodes": cfg.vnodes} if cfg.vnodes else {}))
         self.reader = Reader(schema.connect(cfg.db, synchronous=cfg.synchronous))
-        self.pool = VolumePool(cfg.volume_timeout, maxsize=concurrency * (cfg.replicas + 1))
-        self.pipes = Pool(cfg.volume_timeout)  # the small requests: checks, sidecars, deletes
+        self.pool = Pool(cfg.volume_timeout)
         self.concurrency = concurrency
         self.executor = ThreadPoolExecutor(max_workers=concurrency * (cfg.replicas + 2),
                                            thread_name_prefix="rebalance-io")
@@ -129,7 +126,7 @@ class Rebalancer:
         which of those have their sidecar. One pipelined round trip (HEAD blob, HEAD
         sidecar) per volume, all volumes at once: this runs for every key."""
         heads = [Request("HEAD", blob_path(rec.key)), Request("HEAD", sidecar_path(rec.key))]
-        answers = self.pipes.ask({vol: heads for vol in rec.volumes}, ok=(200, 404))
+        answers = self.pool.ask({vol: heads for vol in rec.volumes}, ok=(200, 404))
         good: set[str] = set()
         sidecar: set[str] = set()
         for vol, out in answers.items():
@@ -151,24 +148,21 @@ class Rebalancer:
         """The copy's md5, or None when it cannot be read."""
         digest = hashlib.md5(usedforsecurity=False)
         try:
-            resp = self.pool.stream(vol, blob_path(key))
-            try:
-                for chunk in resp.stream(CHUNK):
+            with self.pool.download(vol, blob_path(key)) as blob:
+                for chunk in blob.chunks(CHUNK):
                     digest.update(chunk)
-            finally:
-                resp.release_conn()
-        except (VolumeError, urllib3.exceptions.HTTPError, OSError):
+        except VolumeError:
             return None
         return digest.hexdigest()
 
     # --- moves ---
 
-    def _chunks(self, resp, rec: Record, digest) -> Iterator[bytes]:  # noqa: ANN001
+    def _chunks(self, blob: Download, rec: Record, digest) -> Iterator[bytes]:  # noqa: ANN001
         """The source's bytes, throttled and hashed; a source that breaks or ends short
         raises SourceFailed, so the copy moves on to the next source."""
         got = 0
         try:
-            for chunk in resp.stream(CHUNK):
+            for chunk in blob.chunks(CHUNK):
                 self._throttle(len(chunk))
                 if digest is not None:
                     digest.update(chunk)
@@ -187,20 +181,19 @@ class Rebalancer:
         the bytes are still to be checked); several go through FanOut so the slowest
         bounds memory."""
         path = blob_path(rec.key)
-        resp = self.pool.stream(src, path)
-        try:
+        with self.pool.download(src, path) as blob:  # a body left unread drops the connection
             if len(targets) == 1:
                 then = [] if digest is not None else [Request("PUT", sidecar_path(rec.key),
                                                               self._sidecar(rec))]
                 try:
-                    self.pipes.put_stream(targets[0], path, self._chunks(resp, rec, digest),
-                                          rec.size, then)
+                    self.pool.put_stream(targets[0], path, self._chunks(blob, rec, digest),
+                                         rec.size, then)
                 except VolumeError as exc:
                     raise KeyProblem(f"copy failed: {exc}") from exc
                 return bool(then)
             fan = FanOut(self.pool, self.executor, list(targets), path, rec.size)
             try:
-                for chunk in self._chunks(resp, rec, digest):
+                for chunk in self._chunks(blob, rec, digest):
                     fan.send(chunk)
                     if fan.failed.is_set():
                         break
@@ -211,11 +204,6 @@ class Rebalancer:
             if failed:
                 raise KeyProblem("copy failed: " + "; ".join(str(r) for r in failed))
             return False
-        except BaseException:
-            resp.close()  # unread bytes: the connection cannot be reused
-            raise
-        finally:
-            resp.release_conn()
 
     def _copy(self, rec: Record, sources: tuple[str, ...], targets: tuple[str, ...]) -> None:
         """Stream the blob from the first source that works to every target, and write
@@ -260,7 +248,7 @@ class Rebalancer:
 
     def _sidecars(self, rec: Record, targets: tuple[str, ...]) -> None:
         put = [Request("PUT", sidecar_path(rec.key), self._sidecar(rec))]
-        errors = self.pipes.exchange({vol: put for vol in targets})
+        errors = self.pool.exchange({vol: put for vol in targets})
         if errors:
             raise KeyProblem("sidecar write failed: " + "; ".join(map(str, errors.values())))
         self.count(sidecars=len(targets))
@@ -278,7 +266,7 @@ class Rebalancer:
             self.writer.close()
             raise LockLost(f"the writer restarted while the key was held ({exc}); "
                            "nothing deleted, run again") from exc
-        errors = self.pipes.remove_copies(key, volumes)
+        errors = self.pool.remove_copies(key, volumes)
         self.count(deletions=len(volumes) - len(errors))
         return [vol for vol in volumes if vol in errors]
 

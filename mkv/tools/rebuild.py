@@ -4,21 +4,19 @@
 
 Walks every volume's fan-out tree through nginx's autoindex JSON ("/", "/ab/", "/ab/cd/"),
 reads each distinct `.key` sidecar once (another replica's only if the first is bad or its
-file length differs), merges the replicas of every key (mkv/tools/scan.py decides; this module only
-does the IO), and writes the index into a temporary file beside
-the target that is renamed into place at the very end: an interrupted rebuild leaves the
-old file (or no file) untouched, never half an index.
+file length differs), merges the replicas of every key (mkv/tools/scan.py decides; this
+module only does the IO), and writes the index into a temporary file beside the target
+that is renamed into place at the very end: an interrupted rebuild leaves the old file (or
+no file) untouched, never half an index.
 
 Exit codes: 0 clean, 1 problems found (an inconsistency on disk, or a volume that could not
 be read: the index is then partial), 2 usage (bad configuration, an index that would be
 overwritten without --force, a live `mkv serve` writer on the target).
 
 Speed: a rebuild is one listing per directory per volume plus one sidecar read per key, i.e.
-hundreds of thousands of tiny GETs (2.5 per key at 100,000 keys over 3 volumes). Through
-urllib3 (mkv.volume.VolumePool) this machine manages about 2,300 GETs/s, under 1,000 keys/s;
-so the GETs here go through `Pipe`, a minimal keep-alive HTTP/1.1 client that pipelines a
-window of requests per round trip (nginx answers pipelined requests in order): 15-30k GETs/s.
-Its errors are mkv.volume's typed VolumeErrors.
+hundreds of thousands of tiny GETs (2.5 per key at 100,000 keys over 3 volumes), so they are
+pipelined, a window of requests per round trip, through the volume client (mkv.volumes.pool)
+with its patient retry policy; bench/README.md has the figures.
 """
 
 from __future__ import annotations
@@ -26,14 +24,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import queue
 import signal
 import socket
 import sys
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from typing import TextIO
 from urllib.parse import quote
@@ -56,8 +53,8 @@ from mkv.tools.scan import (
     parse_leaf,
     top_dirs,
 )
-from mkv.volumes.errors import VolumeError, VolumeStatus, VolumeTimeout, VolumeUnreachable
-from mkv.volumes.wire import BadResponse, Connection, Dropped, Request
+from mkv.volumes.errors import VolumeError, VolumeStatus
+from mkv.volumes.pool import PATIENT, Pool
 
 PROG = "mkv-rebuild"
 DEFAULT_CONCURRENCY = 16
@@ -67,108 +64,36 @@ WINDOW = 64
 UNIT_DIRS = 128
 #: Rows per SQLite transaction.
 BATCH_ROWS = 50_000
-#: Attempts per request window before a volume counts as unreachable, and the pauses between.
-ATTEMPTS = 4
-BACKOFF = (0.2, 0.5, 1.0)
 
 
 class UsageError(Exception):
     """The rebuild must not start: exit 2 with this message."""
 
 
-# --- HTTP: pipelined keep-alive GETs ----------------------------------------------
+# --- HTTP: pipelined GETs through the volume client ---------------------------------
 
 
-class Pipe:
-    """One keep-alive connection to a volume that pipelines GETs.
-
-    `get_many(paths)` sends up to WINDOW requests at once and reads the answers in order.
-    A connection that drops (nginx's keepalive_requests limit, a restart) is reopened and
-    the unanswered requests sent again (GETs are idempotent); after ATTEMPTS failed tries
-    without progress the volume is unreachable. Not thread-safe: one thread at a time.
-    """
-
-    def __init__(self, volume: str, timeout: float, on_request: Callable[[int, float], None]) -> None:
-        self.volume = volume
-        self.conn = Connection(volume, timeout, agent=PROG)
-        self.on_request = on_request
-
-    def close(self) -> None:
-        self.conn.close()
-
-    def get_many(self, paths: Sequence[str]) -> list[tuple[int, bytes]]:
-        """(status, body) for each path, in order. Raises VolumeUnreachable / VolumeTimeout."""
-        out: list[tuple[int, bytes]] = []
-        for i in range(0, len(paths), WINDOW):
-            out += self._window(paths[i:i + WINDOW])
-        return out
-
-    def _window(self, paths: Sequence[str]) -> list[tuple[int, bytes]]:
-        results: list[tuple[int, bytes]] = []
-        failures = 0
-        started = time.perf_counter()
-        while len(results) < len(paths):
-            todo = paths[len(results):]
-            before = len(results)
-            try:
-                self.conn.send(b"".join(self.conn.encode(Request("GET", p)) for p in todo))
-                for _ in todo:
-                    status, _, body, closing = self.conn.response()
-                    results.append((status, body))
-                    if closing:  # nginx drops the rest of the pipeline: resend it
-                        self.close()
-                        break
-            except (TimeoutError, socket.timeout) as exc:
-                self.close()
-                failures = 0 if len(results) > before else failures + 1
-                if failures >= 2:
-                    raise VolumeTimeout(self.volume, f"GET {todo[0]}: timed out") from exc
-            except (OSError, ValueError, Dropped, BadResponse) as exc:
-                self.close()
-                failures = 0 if len(results) > before else failures + 1
-                if failures >= ATTEMPTS:
-                    detail = str(exc) or type(exc).__name__
-                    raise VolumeUnreachable(self.volume, f"GET {todo[0]}: {detail}") from exc
-                time.sleep(BACKOFF[min(failures, len(BACKOFF)) - 1])
-        self.on_request(len(paths), time.perf_counter() - started)
-        return results
-
-
-class Pipes:
-    """Idle Pipes per volume; a thread borrows one for a batch and gives it back."""
+class Reads:
+    """The rebuild's GETs: pipelined through the volume client with its patient retry
+    policy (a volume must be read to the end), and counted for the summary."""
 
     def __init__(self, timeout: float) -> None:
-        self.timeout = timeout
-        self.idle: dict[str, queue.SimpleQueue[Pipe]] = defaultdict(queue.SimpleQueue)
+        self.pool = Pool(timeout, retry=PATIENT)
         self.lock = threading.Lock()
         self.requests = 0
         self.http_s = 0.0
 
-    def _count(self, n: int, seconds: float) -> None:
-        with self.lock:
-            self.requests += n
-            self.http_s += seconds
-
     def get_many(self, volume: str, paths: Sequence[str]) -> list[tuple[int, bytes]]:
-        try:
-            pipe = self.idle[volume].get_nowait()
-        except queue.Empty:
-            pipe = Pipe(volume, self.timeout, self._count)
-        try:
-            result = pipe.get_many(paths)
-        except BaseException:
-            pipe.close()
-            raise
-        self.idle[volume].put(pipe)
-        return result
+        """(status, body) for each path, in order. Raises the VolumeError that stopped them."""
+        started = time.perf_counter()
+        replies = self.pool.get_many(volume, list(paths), WINDOW)
+        with self.lock:
+            self.requests += len(paths)
+            self.http_s += time.perf_counter() - started
+        return [(r.status, r.body) for r in replies]
 
     def close(self) -> None:
-        for q in self.idle.values():
-            while True:
-                try:
-                    q.get_nowait().close()
-                except queue.Empty:
-                    break
+        self.pool.close()
 
 
 # --- the scan ------------------------------------------------------------------------------
@@ -222,7 +147,7 @@ class UnitResult:
 class Scanner:
     """The IO shell around mkv.tools.scan: lists, reads, and hands records to the caller."""
 
-    def __init__(self, cfg: Config, pipes: Pipes) -> None:
+    def __init__(self, cfg: Config, pipes: Reads) -> None:
         self.cfg = cfg
         self.pipes = pipes
         self.ring = Ring(cfg.volumes, **({"vnodes": cfg.vnodes} if cfg.vnodes else {}))
@@ -533,7 +458,7 @@ def rebuild(cfg: Config, db: str, *, force: bool = False, concurrency: int = DEF
     stats = Stats(volumes=len(cfg.volumes))
     report = Report()
     show = Progress(err, progress)
-    pipes = Pipes(cfg.volume_timeout)
+    pipes = Reads(cfg.volume_timeout)
     scanner = Scanner(cfg, pipes)
     tmp = temp_path(db)
     conn: apsw.Connection | None = None

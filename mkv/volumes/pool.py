@@ -1,36 +1,118 @@
-"""The volume client: kept-alive connections per volume shared by a process's threads.
+"""The volume client: kept-alive connections per volume, shared by a process's threads.
 
-Small requests (a small PUT's blob and sidecar, sidecars, copy removals, the rebalance's
-HEAD checks, the rebuild's listings and sidecar reads) are pipelined, every volume at once
-without a thread each; a streamed body goes on a connection of its own and is followed by
-its sidecar on the same connection, so a sidecar is still written only after its blob is
-complete.
+Every process (service workers, health, rebuild, rebalance) talks to nginx through this
+one module, with one error translation (`volume_error`) and one retry policy (`Retry`).
+
+- Small requests (a small PUT's blob and sidecar, sidecars, copy removals, HEAD checks,
+  listings and sidecar reads) are pipelined: every volume at once, without a thread each
+  (`ask`, `exchange`, `get_many`).
+- A streamed body goes on a connection of its own, followed by its small requests on the
+  same connection (`put_stream`), so a sidecar is written only after its blob is complete;
+  `FanOut` streams one body to several volumes with bounded memory.
+- A streamed read (`download`) hands out a blob's bytes a chunk at a time.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import queue
 import threading
+import time
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Container, Iterable, Iterator
+from concurrent.futures import Executor, Future
 
 from mkv.keys import blob_path, sidecar_path
-from mkv.volumes.errors import ShortWrite, VolumeError, VolumeStatus, VolumeTimeout, VolumeUnreachable
+from mkv.volumes.errors import (
+    ShortWrite,
+    UploadAborted,
+    VolumeError,
+    VolumeStatus,
+    VolumeTimeout,
+    VolumeUnreachable,
+)
 from mkv.volumes.wire import BadResponse, Connection, Dropped, Reply, Request
 
+OK = (200, 201, 204)
 
-def _volume_error(volume: str, req: Request, exc: BaseException) -> VolumeError:
+
+@dataclasses.dataclass(frozen=True)
+class Retry:
+    """When requests that carry no streamed body are sent again on a new connection.
+
+    A kept-alive connection that nginx closed while it sat idle is only found out when
+    it is used: that first failure is always retried, once. Beyond it, `attempts`
+    consecutive failures without an answer in between give up, `backoff` seconds apart.
+    The service fails fast (a volume that drops requests is blamed and routed around);
+    the rebuild, which must read everything, is patient. Every request retried is
+    idempotent: the same bytes to the same path, a DELETE, a GET or a HEAD.
+    """
+
+    attempts: int = 1
+    backoff: tuple[float, ...] = ()
+
+    def pause(self, failures: int) -> float:
+        return self.backoff[min(failures, len(self.backoff)) - 1] if self.backoff else 0.0
+
+
+#: For tools that must read every volume to the end (mkv-rebuild).
+PATIENT = Retry(attempts=4, backoff=(0.2, 0.5, 1.0))
+
+
+def volume_error(volume: str, req: Request, exc: BaseException) -> VolumeError:
+    """The one translation of a transport failure into a typed VolumeError."""
+    if isinstance(exc, VolumeError):
+        return exc
     if isinstance(exc, TimeoutError):
         return VolumeTimeout(volume, f"{req.method} {req.path}: timed out")
     return VolumeUnreachable(volume, f"{req.method} {req.path}: {exc or type(exc).__name__}")
 
 
+#: What a broken connection raises; all of it means "this volume failed this request".
+TRANSPORT_ERRORS = (OSError, Dropped, BadResponse, ValueError)
+
+
+class Download:
+    """A blob being read: `chunks()` yields its bytes; `close()` gives the connection
+    back when the body was read to the end, and drops it otherwise."""
+
+    def __init__(self, pool: Pool, conn: Connection, req: Request, length: int, closing: bool) -> None:
+        self.pool = pool
+        self.conn = conn
+        self.req = req
+        self.length = length
+        self._closing = closing
+        self._done = False
+
+    def chunks(self, size: int = 1 << 20) -> Iterator[bytes]:
+        try:
+            yield from self.conn.body_chunks(self.length, size)
+        except TRANSPORT_ERRORS as exc:
+            self.conn.close()
+            raise volume_error(self.conn.volume, self.req, exc) from exc
+        self._done = True
+
+    def close(self) -> None:
+        if self._done and not self._closing:
+            self.pool.give(self.conn)
+        else:
+            self.conn.close()
+
+    def __enter__(self) -> Download:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
 class Pool:
-    """Idle connections per volume, shared by a worker's threads; at most `max_idle`
+    """Idle connections per volume, shared by a process's threads; at most `max_idle`
     kept per volume (`put_stream` opens a new one each time, and those would pile up)."""
 
-    def __init__(self, timeout: float, max_idle: int = 32) -> None:
+    def __init__(self, timeout: float, max_idle: int = 32, retry: Retry = Retry()) -> None:
         self.timeout = timeout
         self.max_idle = max_idle
+        self.retry = retry
         self._idle: dict[str, list[Connection]] = defaultdict(list)
         self._lock = threading.Lock()
 
@@ -56,14 +138,23 @@ class Pool:
         with self._lock:
             return len(self._idle[volume])
 
-    def exchange(self, work: dict[str, list[Request]], ok: tuple[int, ...] = (200, 201, 204)
+    def close(self) -> None:
+        with self._lock:
+            conns = [c for idle in self._idle.values() for c in idle]
+            self._idle.clear()
+        for conn in conns:
+            conn.close()
+
+    # --- small requests, pipelined ---
+
+    def exchange(self, work: dict[str, list[Request]], ok: Container[int] = OK
                  ) -> dict[str, VolumeError]:
         """Send each volume its requests and check every answer's status; the errors,
         by volume."""
         return {vol: out for vol, out in self.ask(work, ok).items()
                 if isinstance(out, VolumeError)}
 
-    def ask(self, work: dict[str, list[Request]], ok: tuple[int, ...] = (200, 201, 204)
+    def ask(self, work: dict[str, list[Request]], ok: Container[int] = OK
             ) -> dict[str, list[Reply] | VolumeError]:
         """Send each volume its requests (all volumes first, then read the answers), so
         the volumes work at once without a thread each. By volume: one Reply per
@@ -74,7 +165,7 @@ class Pool:
             try:
                 conns[vol].send(b"".join(conns[vol].encode(r) for r in reqs))
             except OSError:
-                conns[vol].close()  # retried below on a new connection
+                conns[vol].close()  # sent again below, on a new connection
         for vol, reqs in work.items():
             try:
                 out[vol] = self._finish(conns[vol], reqs, ok)
@@ -84,6 +175,18 @@ class Pool:
             self.give(conns[vol])
         return out
 
+    def get_many(self, volume: str, paths: list[str], window: int = 64) -> list[Reply]:
+        """GET every path from one volume, `window` requests per round trip; any status
+        is an answer. Raises the VolumeError that stopped them."""
+        replies: list[Reply] = []
+        for i in range(0, len(paths), window):
+            out = self.ask({volume: [Request("GET", p) for p in paths[i:i + window]]},
+                           ok=range(100, 600))[volume]
+            if isinstance(out, VolumeError):
+                raise out
+            replies += out
+        return replies
+
     def remove_copies(self, key: str, volumes: Iterable[str]) -> dict[str, VolumeError]:
         """Delete the key's copy on each volume, sidecar then blob (pipelined: nginx runs
         them in order), all volumes at once; already gone counts as done. A copy half
@@ -91,6 +194,49 @@ class Pool:
         The errors, by volume."""
         both = [Request("DELETE", sidecar_path(key)), Request("DELETE", blob_path(key))]
         return self.exchange({vol: both for vol in volumes}, ok=(200, 204, 404))
+
+    def ping(self, volume: str) -> None:
+        """Cheapest request that proves the volume serves HTTP: nginx's /-/ping, no disk IO."""
+        error = self.exchange({volume: [Request("GET", "/-/ping")]}, ok=(200,)).get(volume)
+        if error is not None:
+            raise error
+
+    def _finish(self, conn: Connection, reqs: list[Request], ok: Container[int]) -> list[Reply]:
+        """Read the answers; send again what a closed connection lost (see Retry)."""
+        pending = list(reqs)
+        replies: list[Reply] = []
+        failures = 0
+        stale_retried = False
+        while pending:
+            try:
+                if conn.sock is None:
+                    conn.send(b"".join(conn.encode(r) for r in pending))
+                while pending:
+                    req = pending[0]
+                    status, length, body, closing = conn.response(head_only=req.method == "HEAD")
+                    pending.pop(0)
+                    failures = 0
+                    if status not in ok:
+                        raise VolumeStatus(conn.volume, status, req.method, req.path)
+                    replies.append(Reply(status, length, body))
+                    if closing:  # nginx drops the rest of the pipeline: sent again above
+                        conn.close()
+                        break
+            except TRANSPORT_ERRORS as exc:
+                # a reset or an early close, not a timeout: a silent volume costs one timeout
+                stale = (isinstance(exc, (Dropped, ConnectionError)) and conn.reused
+                         and not replies and not stale_retried)
+                conn.close()
+                if stale:
+                    stale_retried = True  # nginx closed the idle connection: once more
+                    continue
+                failures += 1
+                if failures >= self.retry.attempts:
+                    raise volume_error(conn.volume, pending[0], exc) from exc
+                time.sleep(self.retry.pause(failures))
+        return replies
+
+    # --- streamed bodies ---
 
     def put_stream(self, volume: str, path: str, chunks: Iterable[bytes], length: int,
                    then: list[Request] | None = None) -> None:
@@ -109,10 +255,10 @@ class Pool:
             try:
                 conn.send(data)
             except OSError as exc:
-                raise _volume_error(volume, put, exc) from exc
+                raise volume_error(volume, put, exc) from exc
 
         try:
-            send(conn.head("PUT", path, length))
+            send(conn.request_head("PUT", path, length))
             sent = 0
             for chunk in chunks:
                 send(chunk)
@@ -121,39 +267,106 @@ class Pool:
                 raise ShortWrite(volume, f"PUT {path}: sent {sent} of {length} bytes")
             if then:
                 send(b"".join(conn.encode(r) for r in then))
-            # not a reused connection, so only `then` can be resent, never the body
-            self._finish(conn, [put, *then], (200, 201, 204))
+            # not a reused connection, so only `then` can be sent again, never the body
+            self._finish(conn, [put, *then], OK)
         except BaseException:
             conn.close()
             raise
         self.give(conn)
 
-    def _finish(self, conn: Connection, reqs: list[Request], ok: tuple[int, ...]) -> list[Reply]:
-        """Read the answers; resend what a closed or stale connection lost (these requests
-        are idempotent: the same bytes to the same path, under the key's lock)."""
-        pending = list(reqs)
-        replies: list[Reply] = []
-        retried = False
-        while pending:
+    def download(self, volume: str, path: str) -> Download:
+        """Start reading a blob (status 200 only); the caller reads `chunks()` and closes it."""
+        req = Request("GET", path)
+        for attempt in range(2):
+            conn = self.take(volume)
             try:
-                if conn.sock is None:
-                    conn.send(b"".join(conn.encode(r) for r in pending))
-                while pending:
-                    req = pending[0]
-                    status, length, body, closing = conn.response(head_only=req.method == "HEAD")
-                    pending.pop(0)
-                    if status not in ok:
-                        raise VolumeStatus(conn.volume, status, req.method, req.path)
-                    replies.append(Reply(status, length, body))
-                    if closing:
-                        conn.close()
-                        break
-            except (Dropped, ConnectionError) as exc:
-                stale = conn.reused and not replies and not retried
+                conn.send(conn.encode(req))
+                status, length, closing, _ = conn.read_head()
+            except TRANSPORT_ERRORS as exc:
+                stale = isinstance(exc, (Dropped, ConnectionError)) and conn.reused and attempt == 0
                 conn.close()
-                if not stale:
-                    raise _volume_error(conn.volume, pending[0], exc) from exc
-                retried = True  # nginx closed the idle connection: once more on a new one
-            except (OSError, BadResponse, ValueError) as exc:
-                raise _volume_error(conn.volume, pending[0], exc) from exc
-        return replies
+                if stale:
+                    continue
+                raise volume_error(volume, req, exc) from exc
+            if status != 200 or length < 0:
+                conn.close()
+                raise VolumeStatus(volume, status, "GET", path)
+            return Download(self, conn, req, length, closing)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+
+_END = object()
+_ABORT = object()
+
+
+class FanOut:
+    """Stream one body to several volumes at once with bounded memory.
+
+    Each replica's PUT runs in the executor (`Pool.put_stream`), pulling chunks from its
+    own small queue; `send` blocks while the slowest replica is behind, so at most
+    `depth` chunks per replica are ever held.
+    """
+
+    def __init__(self, pool: Pool, executor: Executor, volumes: list[str], path: str,
+                 length: int, depth: int = 4) -> None:
+        self.volumes = volumes
+        self.length = length
+        self.failed = threading.Event()
+        self._queues: list[queue.Queue] = [queue.Queue(maxsize=depth) for _ in volumes]
+        self._futures: list[Future] = [
+            executor.submit(self._upload, pool, vol, path, q)
+            for vol, q in zip(volumes, self._queues, strict=True)
+        ]
+
+    def _body(self, vol: str, q: queue.Queue) -> Iterator[bytes]:
+        sent = 0
+        while True:
+            chunk = q.get()
+            if chunk is _END:
+                if sent != self.length:
+                    raise ShortWrite(vol, f"sent {sent} of {self.length} bytes")
+                return
+            if chunk is _ABORT:
+                raise UploadAborted()
+            sent += len(chunk)
+            yield chunk
+
+    def _upload(self, pool: Pool, vol: str, path: str, q: queue.Queue) -> None:
+        try:
+            pool.put_stream(vol, path, self._body(vol, q), self.length)
+        except BaseException:
+            self.failed.set()
+            raise
+        finally:
+            self._drain(q)
+
+    @staticmethod
+    def _drain(q: queue.Queue) -> None:
+        while True:
+            try:
+                q.get_nowait()
+            except queue.Empty:
+                return
+
+    def _offer(self, item: object) -> None:
+        for q, fut in zip(self._queues, self._futures, strict=True):
+            while not fut.done():
+                try:
+                    q.put(item, timeout=0.05)
+                    break
+                except queue.Full:
+                    continue
+
+    def send(self, chunk: bytes) -> None:
+        self._offer(chunk)
+
+    def finish(self) -> list[BaseException | None]:
+        """Close every body and wait; one entry per volume: None or the error."""
+        self._offer(_END)
+        return [fut.exception() for fut in self._futures]
+
+    def abort(self) -> None:
+        """Make every upload fail now, so nginx discards the partial bodies."""
+        self._offer(_ABORT)
+        for fut in self._futures:
+            fut.exception()

@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import dataclasses
 import socket
+from collections.abc import Iterator
 
-# socket.recv(n) allocates n bytes first; keep n small (see mkv.writer.RECV_BYTES)
+# socket.recv(n) allocates n bytes first; keep n small (see mkv.writer.protocol.RECV_BYTES)
 RECV_BYTES = 1 << 16
 
 
@@ -64,9 +65,9 @@ class Connection:
     def encode(self, req: Request) -> bytes:
         if req.body is None:
             return f"{req.method} {self.prefix}{req.path}{self.headers}\r\n".encode()
-        return self.head(req.method, req.path, len(req.body)) + req.body
+        return self.request_head(req.method, req.path, len(req.body)) + req.body
 
-    def head(self, method: str, path: str, length: int) -> bytes:
+    def request_head(self, method: str, path: str, length: int) -> bytes:
         """The request line and headers of a request with a body of `length` bytes."""
         return f"{method} {self.prefix}{path}{self.headers}Content-Length: {length}\r\n\r\n".encode()
 
@@ -99,9 +100,9 @@ class Connection:
         self.pos += n
         return body
 
-    def response(self, head_only: bool = False) -> tuple[int, int, bytes, bool]:
-        """(status, Content-Length, body, the volume will close the connection) of the
-        next answer. An answer to HEAD (`head_only`) announces a length but has no body."""
+    def read_head(self) -> tuple[int, int, bool, bool]:
+        """(status, Content-Length or -1, the volume will close the connection, the body is
+        chunked) of the next answer; its body, if any, is still to be read."""
         while (end := self.buf.find(b"\r\n\r\n", self.pos)) < 0:
             self._fill()
         head = bytes(self.buf[self.pos:end]).lower()
@@ -115,15 +116,39 @@ class Connection:
         if i >= 0:
             j = head.find(b"\r\n", i + 2)
             length = int(head[i + 17:j if j >= 0 else len(head)])
+        return status, length, closing, b"\r\ntransfer-encoding: chunked" in head
+
+    def response(self, head_only: bool = False) -> tuple[int, int, bytes, bool]:
+        """(status, Content-Length, body, the volume will close the connection) of the
+        next answer. An answer to HEAD (`head_only`) announces a length but has no body."""
+        status, length, closing, chunked = self.read_head()
         if head_only or status in (204, 304):
             body = b""
         elif length >= 0:
             body = self._take(length)
-        elif b"\r\ntransfer-encoding: chunked" in head:
+        elif chunked:
             body = self._chunked()
         else:
             raise BadResponse("response without a length")
         return status, length, body, closing
+
+    def body_chunks(self, length: int, size: int) -> Iterator[bytes]:
+        """The next `length` bytes of a body, at most `size` at a time, without holding
+        more than one chunk: what is buffered first, then straight from the socket."""
+        left = length
+        while left:
+            if self.pos < len(self.buf):
+                n = min(left, size, len(self.buf) - self.pos)
+                chunk = bytes(self.buf[self.pos:self.pos + n])
+                self.pos += n
+            else:
+                self.buf, self.pos = bytearray(), 0
+                assert self.sock is not None
+                chunk = self.sock.recv(min(left, size, RECV_BYTES))
+                if not chunk:
+                    raise Dropped(f"connection closed with {left} of {length} body bytes unread")
+            left -= len(chunk)
+            yield chunk
 
     def _chunked(self) -> bytes:
         parts = []
