@@ -37,6 +37,7 @@ from mkv.tools import rebuild, scan
 from mkv.tools.scan import Candidate, KeyResolver, Kind, Leaf
 from mkv.volumes.errors import VolumeUnreachable
 from mkv.volumes.pool import Retry
+from mkv.writer.server import serve_in_thread
 from tests.cluster import NginxVolume, free_port
 from tests.service import MkvService
 
@@ -559,17 +560,20 @@ def test_refuses_to_overwrite_an_index_without_force(
 
 def test_refuses_while_a_writer_serves_the_db(volumes: list[NginxVolume], tmp_path: Path) -> None:
     db = tmp_path / "schema.db"
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    listener.bind(str(db) + ".writer.sock")
-    listener.listen(8)
+    server, thread = serve_in_thread(str(db), str(tmp_path / "w.sock"))  # holds the writer lock
     try:
         proc = run_cli(volumes, db)
         assert proc.returncode == 2
         assert "live mkv writer" in proc.stderr
-        assert not db.exists()
+        assert rows(db) == {}  # the writer's empty index, not replaced
     finally:
-        listener.close()
-    proc = run_cli(volumes, db)  # the socket file of a dead writer does not count
+        server.stop()
+        thread.join(10)
+    stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    stale.bind(str(db) + ".writer.sock")
+    stale.close()  # the socket file of a dead writer does not count, nor its lock file
+    assert os.path.exists(str(db) + ".writer.lock")
+    proc = run_cli(volumes, db)
     assert proc.returncode == 0, proc.stderr
 
 

@@ -37,7 +37,8 @@ from mkv.volumes.errors import UploadAborted, VolumeError
 from mkv.volumes.pool import Download, FanOut, Pool
 from mkv.volumes.wire import Request
 from mkv.writer.client import WriterClient
-from mkv.writer.protocol import KeyLocked, WriterError, WriterUnavailable
+from mkv.writer.lockfile import writer_running
+from mkv.writer.protocol import KeyLocked, WriterError
 from mkv.writer.server import serve_in_thread
 
 CHUNK = 1 << 20
@@ -413,14 +414,6 @@ def dry_run(cfg: Config, out=sys.stdout) -> Counter:
     return plan
 
 
-def _writer_running(socket_path: str) -> bool:
-    try:
-        WriterClient(socket_path, timeout=2, retry_for=0).ping()
-        return True
-    except WriterUnavailable:
-        return False
-
-
 def main(argv: list[str] | None = None) -> int:
     cfg, ns = config_mod.load(argv, prog="mkv-rebalance",
                               description="Move blobs to match the configured volumes.",
@@ -437,7 +430,7 @@ def main(argv: list[str] | None = None) -> int:
         dry_run(cfg)
         return 0
     own_writer = None
-    if not _writer_running(cfg.writer_socket):
+    if not writer_running(cfg.db):
         # the service is stopped: run a writer here, which also keeps a service from
         # starting on this index until the rebalance is over
         own_writer = serve_in_thread(cfg.db, cfg.writer_socket)

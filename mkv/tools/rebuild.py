@@ -25,7 +25,6 @@ import dataclasses
 import json
 import os
 import signal
-import socket
 import sys
 import threading
 import time
@@ -38,7 +37,7 @@ from urllib.parse import quote
 import apsw
 
 from mkv import config as config_mod
-from mkv.config import Config, default_writer_socket
+from mkv.config import Config
 from mkv.index import schema
 from mkv.model import Record
 from mkv.ring import Ring
@@ -55,6 +54,7 @@ from mkv.tools.scan import (
 )
 from mkv.volumes.errors import VolumeError, VolumeStatus
 from mkv.volumes.pool import PATIENT, Pool
+from mkv.writer.lockfile import lock_path, writer_running
 
 PROG = "mkv-rebuild"
 DEFAULT_CONCURRENCY = 16
@@ -265,23 +265,6 @@ class Scanner:
 # --- the index file ------------------------------------------------------------------------
 
 
-def writer_alive(socket_path: str) -> bool:
-    """Does a live `mkv serve` writer accept connections on this socket?"""
-    if not os.path.exists(socket_path):
-        return False
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    probe.settimeout(2.0)
-    try:
-        probe.connect(socket_path)
-        return True
-    except (FileNotFoundError, ConnectionRefusedError):
-        return False  # a stale socket file of a dead writer
-    except OSError:
-        return True  # cannot tell (permissions, a full backlog): assume it is in use
-    finally:
-        probe.close()
-
-
 def index_has_content(path: str) -> bool:
     """True if `path` holds anything a rebuild must not silently replace.
 
@@ -364,12 +347,11 @@ def replace_file(tmp: str, target: str) -> None:
 
 def check_target(cfg: Config, db: str, force: bool) -> None:
     """Raise UsageError if writing `db` could hurt a running service or an existing index."""
-    for sock in {cfg.writer_socket, default_writer_socket(db)}:
-        if writer_alive(sock):
-            raise UsageError(
-                f"a live mkv writer accepts connections on {sock}: `mkv serve` is using {db}. "
-                "Stop the service first, or rebuild into another --db and swap the files "
-                "while the service is stopped")
+    if writer_running(db):
+        raise UsageError(
+            f"a live mkv writer holds {lock_path(db)}: `mkv serve` is using {db}. "
+            "Stop the service first, or rebuild into another --db and swap the files "
+            "while the service is stopped")
     if index_has_content(db) and not force:
         raise UsageError(f"{db} already holds an index (or something else); "
                          "pass --force to replace it, or choose another --db")

@@ -25,6 +25,7 @@ import apsw
 from mkv.index import schema
 from mkv.index.cache import ChangeCount
 from mkv.model import Record, State
+from mkv.writer.lockfile import WriterLock
 from mkv.writer.protocol import (
     RECV_BYTES,
     WRITE_OPS,
@@ -55,7 +56,12 @@ class WriterServer:
 
     def __init__(self, db_path: str, socket_path: str, synchronous: str = "NORMAL",
                  changes: ChangeCount | None = None) -> None:
-        self.db = schema.open_index(db_path, synchronous=synchronous)
+        self.lock = WriterLock(db_path)  # first: one writer per index (mkv.writer.lockfile)
+        try:
+            self.db = schema.open_index(db_path, synchronous=synchronous)
+        except BaseException:
+            self.lock.release()
+            raise
         # the workers' record caches (mkv.index.cache): counted once now, for a commit
         # that a killed predecessor made but had not counted yet
         self.changes = changes
@@ -77,15 +83,8 @@ class WriterServer:
 
     @staticmethod
     def _listen(path: str) -> socket.socket:
-        if os.path.exists(path):
-            probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            try:
-                probe.connect(path)
-            except OSError:
-                os.unlink(path)  # stale socket of a dead writer
-            else:
-                probe.close()
-                raise WriterError("busy", f"another writer is running on {path}")
+        """Listen on `path`; a socket file already there is a dead writer's (this process
+        holds the index's writer lock), replaced atomically."""
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         tmp = f"{path}.{os.getpid()}.tmp"
         sock.bind(tmp)
@@ -127,6 +126,7 @@ class WriterServer:
         except FileNotFoundError:
             pass
         self.db.close()
+        self.lock.release()
 
     def _accept(self) -> None:
         while True:
