@@ -14,6 +14,7 @@ from typing import Any
 
 from bench.workloads import KIB, MIB
 
+#: Where a run's files go: ignored by git, so `make bench` never dirties the tree.
 RESULTS = Path(__file__).resolve().parent / "results"
 TARGET_GET = 0.85
 TARGET_PUT_SMALL = 0.7
