@@ -16,7 +16,7 @@ from pathlib import Path
 
 import configargparse
 
-from mkv.ring import BadVolume, failure_domain, parse_volume
+from mkv.ring import BadVolume, Ring, failure_domain, parse_volume
 
 #: Longest path a unix socket may have on Linux (sun_path is 108 bytes with the NUL).
 MAX_SOCKET_PATH = 107
@@ -60,6 +60,10 @@ class Config:
     def __post_init__(self) -> None:
         if not self.writer_socket:
             object.__setattr__(self, "writer_socket", default_writer_socket(self.db))
+
+    def ring(self) -> Ring:
+        """The placement ring of the configured volumes (the default vnodes unless set)."""
+        return Ring(self.volumes, **({"vnodes": self.vnodes} if self.vnodes else {}))
 
 
 def default_writer_socket(db: str) -> str:

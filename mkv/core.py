@@ -9,11 +9,12 @@ from __future__ import annotations
 import dataclasses
 import enum
 from collections.abc import Mapping, Sequence
-from urllib.parse import parse_qsl, quote
+from urllib.parse import quote
 
 from mkv.keys import blob_path
 from mkv.model import HealthRow, Record, State
 from mkv.ring import Ring, failure_domain
+from mkv.volumes.errors import ShortWrite, VolumeError, VolumeStatus
 
 
 class Health(enum.Enum):
@@ -34,6 +35,12 @@ def health_status(rows: Mapping[str, HealthRow], now: float, stale_after: float)
         else:
             out[vol] = Health.UP if row.up else Health.DOWN
     return out
+
+
+def stale_after(interval: float, timeout: float) -> float:
+    """How old a published status may be before it says nothing (UNKNOWN): a few probe
+    rounds, so one slow round never turns a volume's status into a guess."""
+    return max(3 * interval, 3 * timeout) + 1.0
 
 
 def usable(volume: str, health: HealthMap) -> bool:
@@ -150,6 +157,51 @@ def cleanup_volumes(old: Record, new_volumes: Sequence[str]) -> list[str]:
     return [v for v in old.volumes if v not in new_volumes]
 
 
+# --- the writer's compare-and-set rules ------------------------------------------------
+#
+# A writer restart drops every key lock, and a client retrying after it re-takes the lock
+# (docs/design.md, "Writer"). Each write therefore may name the record it expects; these
+# rules decide, given the record the writer has now, whether the write goes ahead, was
+# already made by an earlier try of the same request, or must be refused because another
+# client's write got in between.
+
+
+class Cas(enum.Enum):
+    WRITE = "write"        # carry it out
+    DONE = "done"          # a retry finds its own write already made: answer ok, change nothing
+    CONFLICT = "conflict"  # another write got in: refuse, change nothing
+
+
+def put_cas(current: Record | None, new: Record, *, expect: Record | None, checked: bool,
+            guard_new: bool) -> Cas:
+    """Writing `new`. `checked`: only over exactly `expect` (whole records: a PUT that
+    slipped in may have the same volumes and other bytes). `guard_new`: a client PUT,
+    never over a live key."""
+    if checked and current != expect:
+        return Cas.DONE if current == new else Cas.CONFLICT
+    if guard_new and current is not None and current.state is State.LIVE:
+        return Cas.DONE if current == new else Cas.CONFLICT
+    return Cas.WRITE
+
+
+def state_cas(current: Record | None, state: State, *, expect: Record | None, checked: bool) -> Cas:
+    """Changing a record's state (its mtime becomes the writer's now). A retry finds the
+    same record in the new state with a newer mtime: done."""
+    if not checked or current == expect:
+        return Cas.WRITE
+    if expect is None or current is None:
+        return Cas.CONFLICT
+    same = dataclasses.replace(current, mtime=expect.mtime) == dataclasses.replace(expect, state=state)
+    return Cas.DONE if same else Cas.CONFLICT
+
+
+def delete_cas(current: Record | None, *, expect: Record | None, checked: bool) -> Cas:
+    """Deleting a record; already gone is done."""
+    if checked and current is not None and current != expect:
+        return Cas.CONFLICT
+    return Cas.WRITE
+
+
 # --- rebalance -------------------------------------------------------------------------
 
 
@@ -177,6 +229,10 @@ class Move:
     def noop(self) -> bool:
         return not (self.copy_to or self.sidecar_to or self.drop)
 
+    def in_place(self, record: Record) -> bool:
+        """Nothing to copy or drop, and the index already names exactly the ring's volumes."""
+        return self.noop and tuple(record.volumes) == self.desired
+
 
 def rebalance_plan(record: Record, desired: Sequence[str], good: set[str],
                    sidecar_ok: set[str]) -> Move:
@@ -191,70 +247,37 @@ def rebalance_plan(record: Record, desired: Sequence[str], good: set[str],
     return Move(record.key, tuple(desired), sources, copy_to, sidecar_to, drop)
 
 
-class RateLimiter:
-    """Token bucket over bytes; `delay(n)` says how long to wait before sending n more.
-
-    Pure: the caller passes the clock, so it is tested without sleeping.
-    """
-
-    def __init__(self, rate: float, burst: float | None = None) -> None:
-        self.rate = rate
-        self.burst = burst if burst is not None else max(rate, 1 << 20)
-        self.tokens = self.burst
-        self.at: float | None = None
-
-    def delay(self, n: int, now: float) -> float:
-        if self.rate <= 0:
-            return 0.0
-        if self.at is not None:
-            self.tokens = min(self.burst, self.tokens + (now - self.at) * self.rate)
-        self.at = now
-        self.tokens -= n
-        return 0.0 if self.tokens >= 0 else -self.tokens / self.rate
-
-
-# --- requests --------------------------------------------------------------------------
-
-
-class BadQuery(ValueError):
-    """A query string mkv does not understand (400)."""
-
-
-@dataclasses.dataclass(frozen=True)
-class ListQuery:
-    state: State
-    start: str
-    limit: int | None
-
-
-def parse_query(query: str) -> ListQuery | None:
-    """None for a plain key request; a ListQuery for ?list / ?unlinked; BadQuery otherwise."""
-    if not query:
-        return None
-    try:
-        pairs = parse_qsl(query, keep_blank_values=True, encoding="utf-8", errors="strict")
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise BadQuery(f"malformed query string: {exc}") from exc
-    params: dict[str, str] = {}
-    for name, value in pairs:
-        if name in params:
-            raise BadQuery(f"{name} given twice")
-        params[name] = value
-    modes = [m for m in ("list", "unlinked") if m in params]
-    if len(modes) != 1:
-        raise BadQuery("expected exactly one of ?list or ?unlinked")
-    unknown = set(params) - {"list", "unlinked", "start", "limit"}
-    if unknown:
-        raise BadQuery(f"unknown query parameter {sorted(unknown)[0]!r}")
-    limit = None
-    if "limit" in params:
-        text = params["limit"]
-        if not text.isascii() or not text.isdigit() or int(text) < 1:
-            raise BadQuery("limit must be a positive integer")
-        limit = int(text)
-    state = State.LIVE if modes[0] == "list" else State.UNLINKED
-    return ListQuery(state, params.get("start", ""), limit)
-
-
 def distinct_domains(volumes: Sequence[str]) -> int:
     return len({failure_domain(v) for v in volumes})
+
+
+def can_write(usable_volumes: Sequence[str], writer_up: bool, replicas: int) -> bool:
+    """/-/health's answer: a PUT can succeed (the writer answers, R failure domains usable)."""
+    return writer_up and distinct_domains(usable_volumes) >= replicas
+
+
+# --- volume failures -------------------------------------------------------------------
+
+
+def blamed(errors: Sequence[BaseException | None]) -> list[VolumeError]:
+    """The failures that count against their volume. A torn upload is the client's doing and
+    a 4xx is the request's; anything else (refused, timed out, 5xx) is the volume's."""
+    out = []
+    for err in errors:
+        if not isinstance(err, VolumeError) or isinstance(err, ShortWrite):
+            continue
+        if isinstance(err, VolumeStatus) and err.status < 500:
+            continue
+        out.append(err)
+    return out
+
+
+def delete_split(record: Record, health: HealthMap) -> tuple[list[str], list[str]]:
+    """A delete's copies: (to remove now, left pending because their volume is down)."""
+    now = [v for v in record.volumes if usable(v, health)]
+    return now, [v for v in record.volumes if v not in now]
+
+
+def copies_left(record: Record, not_tried: Sequence[str], failed: Sequence[str]) -> tuple[str, ...]:
+    """After a removal round, the copies a pending delete still names (in record order)."""
+    return tuple(v for v in record.volumes if v in not_tried or v in failed)

@@ -1,5 +1,6 @@
 """Pure decisions and key rules, tested without a server."""
 
+import dataclasses
 import hashlib
 
 import pytest
@@ -7,11 +8,13 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from mkv import core, keys
-from mkv.core import Health
+from mkv.config import Config
+from mkv.core import Cas, Health
 from mkv.model import HealthRow, Record, State
 from mkv.ring import Ring
+from mkv.service.query import BadQuery, ListQuery, parse_query
 from mkv.service.store import BadDigest, parse_content_md5
-from mkv.volumes.errors import VolumeUnreachable
+from mkv.volumes.errors import ShortWrite, VolumeStatus, VolumeTimeout, VolumeUnreachable
 
 VOLS = ["a:1", "b:2", "c:3", "d:4"]
 
@@ -179,21 +182,21 @@ def test_cleanup_after_reput_spares_the_new_copies():
 
 @pytest.mark.parametrize("q,expected", [
     ("", None),
-    ("list", core.ListQuery(State.LIVE, "", None)),
-    ("list=", core.ListQuery(State.LIVE, "", None)),
-    ("unlinked&limit=5", core.ListQuery(State.UNLINKED, "", 5)),
-    ("list&start=%2Fa%20b&limit=10", core.ListQuery(State.LIVE, "/a b", 10)),
+    ("list", ListQuery(State.LIVE, "", None)),
+    ("list=", ListQuery(State.LIVE, "", None)),
+    ("unlinked&limit=5", ListQuery(State.UNLINKED, "", 5)),
+    ("list&start=%2Fa%20b&limit=10", ListQuery(State.LIVE, "/a b", 10)),
 ])
 def test_parse_query(q, expected):
-    assert core.parse_query(q) == expected
+    assert parse_query(q) == expected
 
 
 @pytest.mark.parametrize("q", ["list&limit=abc", "list&limit=0", "list&limit=-1", "list&limit=",
                                "foo", "list&unlinked", "list&list", "list&bogus=1",
                                "list&start=%FF", "limit=3"])
 def test_parse_query_refuses(q):
-    with pytest.raises(core.BadQuery):
-        core.parse_query(q)
+    with pytest.raises(BadQuery):
+        parse_query(q)
 
 
 # --- Content-MD5 ---
@@ -208,3 +211,75 @@ def test_content_md5_forms():
     for bad in ("zzz", base64.b64encode(b"short").decode()):
         with pytest.raises(BadDigest):
             parse_content_md5(bad)
+
+
+# --- decisions moved out of the shells ------------------------------------------------------
+
+
+def test_stale_after_is_a_few_probe_rounds():
+    assert core.stale_after(1.0, 1.0) == 4.0
+    assert core.stale_after(1.0, 5.0) == 16.0  # slow probes stretch it
+
+
+def test_blamed_skips_torn_uploads_and_the_requests_own_4xx():
+    refused = VolumeUnreachable("a:1", "refused")
+    timed_out = VolumeTimeout("b:2", "slow")
+    errors = [None, refused, ShortWrite("c:3", "short"), VolumeStatus("c:3", 405, "PUT", "/x"),
+              VolumeStatus("b:2", 507, "PUT", "/x"), timed_out, ValueError("not a volume's")]
+    assert [e.volume for e in core.blamed(errors)] == ["a:1", "b:2", "b:2"]
+
+
+def test_delete_split_and_copies_left():
+    r = rec(state=State.DELETING)
+    health = {"a:1": Health.UP, "b:2": Health.DOWN}  # c:3 unknown: tried
+    now, later = core.delete_split(r, health)
+    assert (now, later) == (["a:1", "c:3"], ["b:2"])
+    assert core.copies_left(r, later, ["c:3"]) == ("b:2", "c:3")
+    assert core.copies_left(r, [], []) == ()
+
+
+def test_can_write_needs_the_writer_and_r_domains():
+    assert core.can_write(["a:1", "b:2", "c:3"], True, 3)
+    assert not core.can_write(["a:1", "b:2", "c:3"], False, 3)
+    assert not core.can_write(["a:1", "a:1/d2", "b:2"], True, 3)  # two disks, one host
+
+
+def test_put_cas():
+    new = rec(volumes=("a:1",))
+    live, unlinked = rec(), rec(state=State.UNLINKED)
+    assert core.put_cas(None, new, expect=None, checked=False, guard_new=True) is Cas.WRITE
+    assert core.put_cas(unlinked, new, expect=None, checked=False, guard_new=True) is Cas.WRITE
+    assert core.put_cas(live, new, expect=None, checked=False, guard_new=True) is Cas.CONFLICT
+    assert core.put_cas(new, new, expect=None, checked=False, guard_new=True) is Cas.DONE
+    assert core.put_cas(live, new, expect=live, checked=True, guard_new=False) is Cas.WRITE
+    assert core.put_cas(unlinked, new, expect=live, checked=True, guard_new=False) is Cas.CONFLICT
+    assert core.put_cas(new, new, expect=live, checked=True, guard_new=False) is Cas.DONE
+    assert core.put_cas(live, new, expect=None, checked=False, guard_new=False) is Cas.WRITE
+
+
+def test_state_and_delete_cas():
+    live = rec()
+    changed = dataclasses.replace(live, state=State.DELETING, mtime=live.mtime + 5)
+    assert core.state_cas(live, State.DELETING, expect=live, checked=True) is Cas.WRITE
+    assert core.state_cas(changed, State.DELETING, expect=live, checked=True) is Cas.DONE
+    other = dataclasses.replace(changed, md5="other")
+    assert core.state_cas(other, State.DELETING, expect=live, checked=True) is Cas.CONFLICT
+    assert core.state_cas(None, State.DELETING, expect=live, checked=True) is Cas.CONFLICT
+    assert core.state_cas(other, State.DELETING, expect=None, checked=False) is Cas.WRITE
+    assert core.delete_cas(None, expect=live, checked=True) is Cas.WRITE  # gone already
+    assert core.delete_cas(live, expect=live, checked=True) is Cas.WRITE
+    assert core.delete_cas(other, expect=live, checked=True) is Cas.CONFLICT
+
+
+def test_move_in_place_needs_the_ring_volumes_in_the_index():
+    r = rec()
+    move = core.rebalance_plan(r, r.volumes, set(r.volumes), set(r.volumes))
+    assert move.in_place(r)
+    reordered = core.rebalance_plan(r, tuple(reversed(r.volumes)), set(r.volumes), set(r.volumes))
+    assert reordered.noop and not reordered.in_place(r)
+
+
+def test_config_ring_uses_the_configured_vnodes():
+    cfg = Config(volumes=("a:1", "b:2", "c:3"), vnodes=7)
+    assert cfg.ring().place("/k", 2) == Ring(["a:1", "b:2", "c:3"], vnodes=7).place("/k", 2)
+    assert Config(volumes=("a:1", "b:2")).ring().place("/k", 2) == Ring(["a:1", "b:2"]).place("/k", 2)

@@ -20,11 +20,13 @@ import pytest
 import requests
 
 from mkv import config
-from mkv.core import RateLimiter, rebalance_plan
+from mkv.core import rebalance_plan
 from mkv.keys import blob_path, key_hash, sidecar_path
 from mkv.model import Record, State
 from mkv.ring import Ring
-from mkv.tools.rebalance import LockLost, Rebalancer, add_arguments
+from mkv.tools.rebalance import Rebalancer, add_arguments
+from mkv.tools.throttle import RateLimiter
+from mkv.writer.protocol import LockLost
 from mkv.writer.server import serve_in_thread
 from tests.cluster import NginxVolume
 from tests.service import MkvService

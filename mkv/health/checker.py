@@ -12,7 +12,6 @@ down are removed once that volume answers again.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import socket
@@ -20,6 +19,7 @@ import time
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 
+from mkv.cleanup import finish_delete
 from mkv.health.probe import ProbeState, observe
 from mkv.health.reporter import health_socket_path
 from mkv.index import schema
@@ -126,20 +126,16 @@ class HealthChecker:
                 continue  # someone is writing it: it is theirs now
             except WriterError:
                 return done
+            if current is None or current.state is not State.DELETING:
+                self.writer.release(rec.key)
+                continue
             try:
-                if current is None or current.state is not State.DELETING:
-                    self.writer.unlock(rec.key)
-                    continue
-                failed = self.pool.remove_copies(rec.key, current.volumes)
-                left = tuple(v for v in current.volumes if v in failed)
-                if left:
-                    self.writer.put(dataclasses.replace(current, volumes=left), expect=current)
-                else:
-                    self.writer.delete(rec.key, expect=current)
-                    done += 1
+                left, _ = finish_delete(self.pool, self.writer, current,
+                                        [v for v in current.volumes if v in up])
             except WriterError:
-                self.writer.close()
+                self.writer.close()  # drops the lock too
                 return done
+            done += not left
         return done
 
     def run(self) -> None:

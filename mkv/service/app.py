@@ -21,6 +21,7 @@ from mkv.config import Config
 from mkv.core import Health
 from mkv.keys import BadKey, check_key, decode_path
 from mkv.service import metrics
+from mkv.service.query import BadQuery, ListQuery, parse_query
 from mkv.service.store import (
     BadDigest,
     ClientGone,
@@ -41,7 +42,7 @@ KEY_METHODS = ("GET", "HEAD", "PUT", "DELETE", "UNLINK")
 #: Typed error -> (status, error name). The only place statuses are chosen for failures.
 ERRORS: list[tuple[type[Exception], str, str]] = [
     (BadKey, falcon.HTTP_400, "bad_key"),
-    (core.BadQuery, falcon.HTTP_400, "bad_query"),
+    (BadQuery, falcon.HTTP_400, "bad_query"),
     (BadDigest, falcon.HTTP_400, "bad_digest"),
     (ClientGone, falcon.HTTP_400, "incomplete_body"),
     (KeyExists, falcon.HTTP_403, "key_exists"),
@@ -125,10 +126,10 @@ class KeyResource:
             error_body(resp, falcon.HTTP_405, "method_not_allowed", f"{req.method} is not supported")
             return
         key, query = raw_target(req.env)
-        listing = core.parse_query(query)
+        listing = parse_query(query)
         if listing is not None:
             if req.method not in ("GET", "HEAD"):
-                raise core.BadQuery(f"?list and ?unlinked are for GET, not {req.method}")
+                raise BadQuery(f"?list and ?unlinked are for GET, not {req.method}")
             self._list(req, resp, check_key(key, self.cfg.max_key_bytes, prefix=True), listing)
             return
         key = check_key(key, self.cfg.max_key_bytes)
@@ -162,7 +163,7 @@ class KeyResource:
         resp.status = falcon.HTTP_204
 
     def _list(self, req: falcon.Request, resp: falcon.Response, prefix: str,
-              q: core.ListQuery) -> None:
+              q: ListQuery) -> None:
         reader = self.store().reader
         resp.content_type = falcon.MEDIA_JSON
         if q.limit is not None:
@@ -208,8 +209,8 @@ class HealthResource:
                            "committed_ops": writer["committed_ops"], "locks": writer["locks"]}
         except WriterError as exc:
             writer_info = {"up": False, "error": str(exc)}
-        usable = [v["volume"] for v in volumes if v["up"]]
-        can_write = writer_info["up"] and core.distinct_domains(usable) >= self.cfg.replicas
+        can_write = core.can_write([v["volume"] for v in volumes if v["up"]], writer_info["up"],
+                                   self.cfg.replicas)
         resp.status = falcon.HTTP_200 if can_write else falcon.HTTP_503
         resp.media = {"status": "ok" if can_write else "degraded", "pid": os.getpid(),
                       "replicas": self.cfg.replicas, "writer": writer_info, "volumes": volumes}

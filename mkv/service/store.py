@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import dataclasses
 import functools
 import hashlib
 import itertools
@@ -18,15 +17,15 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from mkv import core
+from mkv.cleanup import finish_delete
 from mkv.config import Config
 from mkv.core import Health, Verdict
 from mkv.health.reporter import FailureReporter
 from mkv.index.reader import Reader
 from mkv.keys import blob_path, sidecar_body, sidecar_path
 from mkv.model import Record, State
-from mkv.ring import Ring
 from mkv.service import metrics
-from mkv.volumes.errors import ShortWrite, UploadAborted, VolumeError, VolumeStatus
+from mkv.volumes.errors import UploadAborted, VolumeError
 from mkv.volumes.pool import FanOut, Pool
 from mkv.volumes.wire import Request
 from mkv.writer.client import WriterClient
@@ -101,7 +100,7 @@ class Store:
         self.cfg = cfg
         self.reader = reader
         self.pool = pool
-        self.ring = Ring(cfg.volumes, **({"vnodes": cfg.vnodes} if cfg.vnodes else {}))
+        self.ring = cfg.ring()
         self.executor = ThreadPoolExecutor(max_workers=cfg.threads * cfg.replicas * 2,
                                            thread_name_prefix="mkv-io")
         self._writer_factory = writer_factory
@@ -126,7 +125,7 @@ class Store:
         failures treated as down until the health process has had time to probe."""
         now = time.monotonic()
         if now - self._health_at > HEALTH_CACHE_SECONDS:
-            stale = max(3 * self.cfg.health_interval, 3 * self.cfg.health_timeout) + 1.0
+            stale = core.stale_after(self.cfg.health_interval, self.cfg.health_timeout)
             self._health = core.health_status(self.reader.health(), time.time(), stale)
             self._health_at = now
         if not self._suspects:
@@ -141,15 +140,12 @@ class Store:
 
     def _blame(self, errors: list[BaseException | None]) -> None:
         """Count volume failures at once: locally, and with the health process."""
-        for err in errors:
-            if isinstance(err, VolumeError) and not isinstance(err, ShortWrite):
-                if isinstance(err, VolumeStatus) and err.status < 500:
-                    continue
-                self._suspects[err.volume] = time.monotonic() + self.cfg.health_interval * (
-                    self.cfg.health_fail_count + 1)
-                metrics.VOLUME_ERRORS.labels(err.volume, type(err).__name__).inc()
-                if self.reporter is not None:
-                    self.reporter.report(err.volume)
+        for err in core.blamed(errors):
+            self._suspects[err.volume] = time.monotonic() + self.cfg.health_interval * (
+                self.cfg.health_fail_count + 1)
+            metrics.VOLUME_ERRORS.labels(err.volume, type(err).__name__).inc()
+            if self.reporter is not None:
+                self.reporter.report(err.volume)
 
     # --- reads ---
 
@@ -329,29 +325,24 @@ class Store:
             # retry must not overwrite a PUT that another client made in that gap
             deleting = self._expecting(key, self.writer.set_state, key, State.DELETING,
                                        keep_lock=True, retry=True, expect=current)
-            health = self.health()
-            reachable = [v for v in current.volumes if core.usable(v, health)]
-            failed = {e.volume for e in self._remove(key, reachable)}
-            failed |= set(current.volumes) - set(reachable)
-            if failed:
-                # stays DELETING, naming only the copies left: the health process finishes it
-                left = tuple(v for v in current.volumes if v in failed)
-                self._expecting(key, self.writer.put, dataclasses.replace(deleting, volumes=left),
-                                retry=True, expect=deleting)
-            else:
-                self._expecting(key, self.writer.delete, key, retry=True, expect=deleting)
+            # copies on down volumes stay pending: the health process finishes them
+            remove_now, _ = core.delete_split(deleting, self.health())
+            _, errors = self._expecting(key, finish_delete, self.pool, self.writer, deleting,
+                                        remove_now)
+            self._blame(errors)
         except BaseException:
             self.writer.release(key)
             raise
 
     @staticmethod
     def _expecting(key: str, op: Callable[..., Any], *args: object, **kw: object) -> Any:
-        """A compare-and-set writer call; a conflict means another client's write got in
-        while a writer restart had dropped this request's lock: 409, nothing overwritten."""
+        """A compare-and-set writer call; a conflict (or a lost lock) means another client's
+        write got in while a writer restart had dropped this request's lock: 409, nothing
+        overwritten."""
         try:
             return op(*args, **kw)
         except WriterError as exc:
-            if exc.code == "conflict":
+            if exc.code in ("conflict", "lock_lost"):
                 raise InFlight(key) from None
             raise
 

@@ -27,18 +27,20 @@ import configargparse
 
 from mkv import config as config_mod
 from mkv import core
+from mkv.cleanup import finish_delete
 from mkv.config import Config
 from mkv.index import schema
 from mkv.index.reader import Reader
 from mkv.keys import blob_path, sidecar_body, sidecar_path
 from mkv.model import Record, State
-from mkv.ring import Ring
+from mkv.tools.progress import Progress
+from mkv.tools.throttle import RateLimiter
 from mkv.volumes.errors import UploadAborted, VolumeError
 from mkv.volumes.pool import Download, FanOut, Pool
 from mkv.volumes.wire import Request
-from mkv.writer.client import WriterClient
+from mkv.writer.client import ThreadClients, WriterClient
 from mkv.writer.lockfile import writer_running
-from mkv.writer.protocol import KeyLocked, WriterError
+from mkv.writer.protocol import KeyLocked, LockLost, WriterError
 from mkv.writer.server import serve_in_thread
 
 CHUNK = 1 << 20
@@ -52,11 +54,6 @@ class SourceFailed(UploadAborted):
 
 class KeyProblem(Exception):
     """This key could not be put in place; the message says why (reported, exit 1)."""
-
-
-class LockLost(KeyProblem):
-    """The writer restarted while the key was held, so a client may have written it
-    since: its copies are not deleted on the strength of what was read before."""
 
 
 @dataclasses.dataclass
@@ -85,17 +82,17 @@ class Rebalancer:
     def __init__(self, cfg: Config, *, concurrency: int, limit_rate: float, verify: bool,
                  out=sys.stderr) -> None:
         self.cfg = cfg
-        self.ring = Ring(cfg.volumes, **({"vnodes": cfg.vnodes} if cfg.vnodes else {}))
+        self.ring = cfg.ring()
         self.reader = Reader(schema.connect(cfg.db, synchronous=cfg.synchronous))
         self.pool = Pool(cfg.volume_timeout)
         self.concurrency = concurrency
         self.executor = ThreadPoolExecutor(max_workers=concurrency * (cfg.replicas + 2),
                                            thread_name_prefix="rebalance-io")
         self.verify = verify
-        self.limiter = core.RateLimiter(limit_rate)
+        self.limiter = RateLimiter(limit_rate)
         self._rate_lock = threading.Lock()
         self._stats_lock = threading.Lock()
-        self._local = threading.local()
+        self.writers = ThreadClients(cfg.writer_socket, timeout=cfg.volume_timeout * 3)
         self.stats = Stats()
         self.out = out
 
@@ -103,11 +100,7 @@ class Rebalancer:
 
     @property
     def writer(self) -> WriterClient:
-        client = getattr(self._local, "writer", None)
-        if client is None:
-            client = self._local.writer = WriterClient(self.cfg.writer_socket,
-                                                       timeout=self.cfg.volume_timeout * 3)
-        return client
+        return self.writers.get()
 
     def count(self, **deltas: int) -> None:
         with self._stats_lock:
@@ -256,27 +249,19 @@ class Rebalancer:
 
     def _drop(self, key: str, volumes: tuple[str, ...]) -> list[str]:
         """Delete copies (Pool.remove_copies); the volumes where it failed. Only while
-        the key's lock is still held: a lock dies with the writer connection that holds
-        it, so the connection is checked first (a ping on it) and LockLost raised when
-        it is gone."""
+        the key's lock is still held (WriterClient.held raises LockLost, nothing removed)."""
         if not volumes:
             return []
-        try:
-            self.writer.call(op="ping")
-        except WriterError as exc:
-            self.writer.close()
-            raise LockLost(f"the writer restarted while the key was held ({exc}); "
-                           "nothing deleted, run again") from exc
+        self.writer.held(key)
         errors = self.pool.remove_copies(key, volumes)
         self.count(deletions=len(volumes) - len(errors))
         return [vol for vol in volumes if vol in errors]
 
     def _finish_delete(self, rec: Record) -> None:
-        left = tuple(self._drop(rec.key, rec.volumes))
+        left, errors = finish_delete(self.pool, self.writer, rec, rec.volumes)
+        self.count(deletions=len(rec.volumes) - len(left))
         if left:
-            self.writer.put(dataclasses.replace(rec, volumes=left), expect=rec, retry=True)
             raise KeyProblem(f"pending delete: could not remove copies on {', '.join(left)}")
-        self.writer.delete(rec.key, expect=rec, retry=True)
         self.count(cleaned=1)
 
     def _move(self, rec: Record) -> None:
@@ -286,7 +271,7 @@ class Rebalancer:
         move = core.rebalance_plan(rec, desired, good, sidecar_ok)
         if move.lost:
             raise KeyProblem("no good copy on any recorded volume")
-        if move.noop and rec.volumes == desired:
+        if move.in_place(rec):
             self.writer.release(rec.key)
             return
         if move.copy_to:
@@ -338,7 +323,8 @@ class Rebalancer:
         self.stats.total = self.reader.count()
         busy: list[str] = []
         stop = threading.Event()
-        progress = threading.Thread(target=self._progress, args=(stop,), daemon=True)
+        show = Progress(self.out, file_interval=1.0)
+        progress = threading.Thread(target=self._progress, args=(stop, show), daemon=True)
         progress.start()
         started = time.monotonic()
         try:
@@ -365,29 +351,30 @@ class Rebalancer:
         finally:
             stop.set()
             progress.join()
-        self._line(time.monotonic() - started, final=True)
+        show.end()
+        print(self._line(time.monotonic() - started, final=True), file=self.out, flush=True)
         return self.stats
 
-    def _line(self, elapsed: float, final: bool = False) -> None:
+    def _line(self, elapsed: float, final: bool = False) -> str:
         s = self.stats
         rate = s.examined / elapsed if elapsed > 0 else 0.0
         eta = (s.total - s.examined) / rate if rate > 0 else 0.0
-        print(f"mkv-rebalance: {'done' if final else 'progress'}: examined {s.examined}/{s.total}, "
-              f"moved {s.moved}, copies {s.copies}, sidecars {s.sidecars}, deletions {s.deletions}, "
-              f"pending deletes finished {s.cleaned}, {s.bytes / 1e6:.1f} MB, "
-              f"errors {len(s.problems)}, {rate:.0f} keys/s"
-              + ("" if final else f", ETA {eta:.0f}s")
-              + (f", {elapsed:.1f}s" if final else ""), file=self.out, flush=True)
+        return (f"mkv-rebalance: {'done' if final else 'progress'}: examined {s.examined}/{s.total}, "
+                f"moved {s.moved}, copies {s.copies}, sidecars {s.sidecars}, "
+                f"deletions {s.deletions}, pending deletes finished {s.cleaned}, "
+                f"{s.bytes / 1e6:.1f} MB, errors {len(s.problems)}, {rate:.0f} keys/s"
+                + ("" if final else f", ETA {eta:.0f}s")
+                + (f", {elapsed:.1f}s" if final else ""))
 
-    def _progress(self, stop: threading.Event) -> None:
+    def _progress(self, stop: threading.Event, show: Progress) -> None:
         started = time.monotonic()
-        while not stop.wait(1.0):
-            self._line(time.monotonic() - started)
+        while not stop.wait(show.interval):
+            show.show(self._line(time.monotonic() - started))
 
 
 def dry_run(cfg: Config, out=sys.stdout) -> Counter:
     """The plan from the index alone (copies assumed good): nothing is contacted or changed."""
-    ring = Ring(cfg.volumes, **({"vnodes": cfg.vnodes} if cfg.vnodes else {}))
+    ring = cfg.ring()
     reader = Reader(schema.connect(cfg.db, synchronous=cfg.synchronous))
     plan: Counter = Counter()
     after = ""
@@ -402,7 +389,7 @@ def dry_run(cfg: Config, out=sys.stdout) -> Counter:
             desired = ring.place(rec.key, cfg.replicas)
             have = set(rec.volumes)
             move = core.rebalance_plan(rec, desired, have, have)
-            if move.noop and tuple(rec.volumes) == tuple(desired):
+            if move.in_place(rec):
                 continue
             plan["keys_to_move"] += 1
             plan["copies"] += len(move.copy_to)

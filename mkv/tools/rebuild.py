@@ -40,7 +40,7 @@ from mkv import config as config_mod
 from mkv.config import Config
 from mkv.index import schema
 from mkv.model import Record
-from mkv.ring import Ring
+from mkv.tools.progress import Progress
 from mkv.tools.scan import (
     Candidate,
     KeyResolver,
@@ -150,7 +150,7 @@ class Scanner:
     def __init__(self, cfg: Config, pipes: Reads) -> None:
         self.cfg = cfg
         self.pipes = pipes
-        self.ring = Ring(cfg.volumes, **({"vnodes": cfg.vnodes} if cfg.vnodes else {}))
+        self.ring = cfg.ring()
         self.dead: dict[str, str] = {}
         self.dead_lock = threading.Lock()
 
@@ -368,39 +368,12 @@ def _size(n: float) -> str:
     return ""
 
 
-class Progress:
-    """One status line on stderr: rewritten in place on a terminal, every few seconds if not."""
-
-    def __init__(self, out: TextIO, enabled: bool = True) -> None:
-        self.out = out
-        self.enabled = enabled
-        self.tty = enabled and hasattr(out, "isatty") and out.isatty()
-        self.interval = 0.25 if self.tty else 2.0
-        self.last = time.monotonic()  # a rebuild shorter than one interval shows no progress
-        self.shown = False
-
-    def update(self, stats: Stats, started: float, problems: int, force: bool = False) -> None:
-        now = time.monotonic()
-        if not self.enabled or (not force and now - self.last < self.interval):
-            return
-        self.last = now
-        took = now - started
-        rate = stats.keys / took if took > 0 else 0.0
-        line = (f"{PROG}: volumes {stats.volumes_scanned}/{stats.volumes}, "
-                f"dirs {stats.dirs_done}/{stats.dirs_total}, keys {stats.keys}, "
-                f"{rate:,.0f} keys/s, problems {problems}, {took:.1f}s")
-        if self.tty:
-            self.out.write("\r" + line + "\x1b[K")
-            self.shown = True
-        else:
-            self.out.write(line + "\n")
-        self.out.flush()
-
-    def end(self) -> None:
-        if self.shown:
-            self.out.write("\n")
-            self.out.flush()
-            self.shown = False
+def progress_line(stats: Stats, started: float, problems: int) -> str:
+    took = time.monotonic() - started
+    rate = stats.keys / took if took > 0 else 0.0
+    return (f"{PROG}: volumes {stats.volumes_scanned}/{stats.volumes}, "
+            f"dirs {stats.dirs_done}/{stats.dirs_total}, keys {stats.keys}, "
+            f"{rate:,.0f} keys/s, problems {problems}, {took:.1f}s")
 
 
 def summary(result: Result) -> list[str]:
@@ -478,10 +451,10 @@ def rebuild(cfg: Config, db: str, *, force: bool = False, concurrency: int = DEF
             if len(batch) >= BATCH_ROWS:
                 stats.sqlite_s += _insert(conn, batch)
                 batch = []
-            show.update(stats, started, report.total)
+            show.show(progress_line(stats, started, report.total))
         stats.scan_s = time.monotonic() - started
         stats.sqlite_s += _insert(conn, batch)
-        show.update(stats, started, report.total, force=True)
+        show.show(progress_line(stats, started, report.total), force=True)
         show.end()
 
         # 3. durable, then in place

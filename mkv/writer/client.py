@@ -4,6 +4,7 @@ Use one per thread: key locks belong to the connection that took them."""
 from __future__ import annotations
 
 import socket
+import threading
 import time
 from typing import Any
 
@@ -11,6 +12,7 @@ from mkv.model import Record, State
 from mkv.writer.protocol import (
     RECV_BYTES,
     KeyLocked,
+    LockLost,
     WriterError,
     WriterUnavailable,
     encode_frame,
@@ -144,11 +146,36 @@ class WriterClient:
             req["expect"] = record_to_wire(expect)
         self.call(retry=retry, **req)
 
+    def held(self, key: str) -> None:
+        """Raise LockLost unless this connection still holds the key's lock: a writer
+        restart drops every lock, and a client may have written the key since."""
+        try:
+            self.call(op="held", key=key)
+        except WriterError as exc:
+            self.close()
+            raise LockLost(f"the lock of {key!r} was lost ({exc})") from exc
+
     def bulk(self, recs: list[Record]) -> int:
         return self.call(op="bulk", records=[record_to_wire(r) for r in recs])["count"]
 
     def ping(self) -> dict:
         return self.call(op="ping")
+
+
+class ThreadClients:
+    """One WriterClient per thread (key locks belong to a connection, so threads never
+    share one), made on first use."""
+
+    def __init__(self, socket_path: str, timeout: float) -> None:
+        self.socket_path = socket_path
+        self.timeout = timeout
+        self._local = threading.local()
+
+    def get(self) -> WriterClient:
+        client = getattr(self._local, "client", None)
+        if client is None:
+            client = self._local.client = WriterClient(self.socket_path, timeout=self.timeout)
+        return client
 
 
 def wait_ready(socket_path: str, timeout: float = 10.0) -> dict:

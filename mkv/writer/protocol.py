@@ -40,6 +40,13 @@ class KeyLocked(WriterError):
         super().__init__("locked", key)
 
 
+class LockLost(WriterError):
+    """This connection no longer holds a key lock it took (the writer restarted)."""
+
+    def __init__(self, detail: str) -> None:
+        super().__init__("lock_lost", detail)
+
+
 class WriterUnavailable(WriterError):
     """No writer answers on the socket (not started, restarting, or dead)."""
 

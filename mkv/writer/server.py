@@ -10,7 +10,6 @@ the kernel closes its socket. docs/design.md, "Writer", has the protocol.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import selectors
@@ -22,6 +21,8 @@ from typing import Any
 
 import apsw
 
+from mkv import core
+from mkv.core import Cas
 from mkv.index import schema
 from mkv.index.cache import ChangeCount
 from mkv.model import Record, State
@@ -273,54 +274,52 @@ class WriterServer:
         return {"ok": True}, req["key"], 0
 
     def _op_put(self, conn: _Conn, req: dict) -> tuple[dict, str | None, int]:
-        """Write a record. `expect` (a whole record) makes it a compare-and-set: written
-        only over exactly that record (rebalance); a retry that finds its own write is
-        done. Whole, not just the volumes: a client PUT that slipped in while a writer
-        restart dropped the lock may have the same volumes and other bytes."""
+        """Write a record; `expect` and `guard` make it a compare-and-set (core.put_cas)."""
         key = req["key"]
         self._need_lock(conn, req)
         rec = Record(key, State(req.get("state", State.LIVE)), tuple(req["volumes"]),
                      int(req["size"]), str(req["md5"]), float(req.get("mtime") or time.time()))
-        checked = "expect" in req or req.get("guard") == "new"
-        cur = schema.read_record(self.db, key) if checked else None
-        if "expect" in req and cur != record_from_wire(req["expect"]):
-            if cur == rec:  # a retried compare-and-set finds its own write: already done
-                return self._done(conn, req)
+        checked, guard_new = "expect" in req, req.get("guard") == "new"
+        cur = schema.read_record(self.db, key) if checked or guard_new else None
+        verdict = core.put_cas(cur, rec, expect=record_from_wire(req.get("expect")),
+                               checked=checked, guard_new=guard_new)
+        if verdict is Cas.CONFLICT:
             raise WriterError("conflict", key)
-        if req.get("guard") == "new" and cur is not None and cur.state is State.LIVE:
-            if cur != rec:  # a retried PUT finds its own record: already done
-                raise WriterError("conflict", key)
-            return self._done(conn, req)
-        schema.write_record(self.db, rec)
+        if verdict is Cas.WRITE:
+            schema.write_record(self.db, rec)
         return self._done(conn, req)
 
     def _op_state(self, conn: _Conn, req: dict) -> tuple[dict, str | None, int]:
-        """Change a record's state (its mtime becomes now); the answer carries the new
-        record. With `expect`, only exactly that record's; a retry that finds the
-        change made (the same record in the new state, a newer mtime) is done."""
+        """Change a record's state (its mtime becomes now); the answer carries the record
+        as changed. With `expect`, a compare-and-set (core.state_cas)."""
         key, state = req["key"], State(req["state"])
         self._need_lock(conn, req)
         if "expect" in req:
             cur = schema.read_record(self.db, key)
-            expected = record_from_wire(req["expect"])
-            if cur != expected:
-                if expected is None or cur is None or dataclasses.replace(
-                        cur, mtime=expected.mtime) != dataclasses.replace(expected, state=state):
-                    raise WriterError("conflict", key)
+            verdict = core.state_cas(cur, state, expect=record_from_wire(req["expect"]), checked=True)
+            if verdict is Cas.CONFLICT:
+                raise WriterError("conflict", key)
+            if verdict is Cas.DONE:
                 return self._done(conn, req, record=record_to_wire(cur))
         if not schema.write_state(self.db, key, state):
             raise WriterError("not_found", key)
         return self._done(conn, req, record=record_to_wire(schema.read_record(self.db, key)))
 
     def _op_delete(self, conn: _Conn, req: dict) -> tuple[dict, str | None, int]:
-        """Delete a record; with `expect`, only exactly that one (gone already: done)."""
+        """Delete a record; with `expect`, a compare-and-set (core.delete_cas)."""
         self._need_lock(conn, req)
         if "expect" in req:
             cur = schema.read_record(self.db, req["key"])
-            if cur is not None and cur != record_from_wire(req["expect"]):
+            if core.delete_cas(cur, expect=record_from_wire(req["expect"]), checked=True) is Cas.CONFLICT:
                 raise WriterError("conflict", req["key"])
         schema.write_delete(self.db, req["key"])
         return self._done(conn, req)
+
+    def _op_held(self, conn: _Conn, req: dict) -> tuple[dict, None, int]:
+        """Does this connection still hold the key's lock? (not_locked if not): asked
+        before copies are removed, since a writer restart drops every lock."""
+        self._need_lock(conn, {"key": req["key"]})
+        return {"ok": True}, None, 0
 
     def _op_bulk(self, conn: _Conn, req: dict) -> tuple[dict, None, int]:
         """Insert many records at once (rebuild); refuses keys someone holds locked."""
