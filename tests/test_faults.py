@@ -9,97 +9,42 @@ one writer connection. Health settings are fast so the tests are short.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import io
 import os
 import signal
 import socket
 import threading
 import time
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from urllib.parse import quote
 
-import apsw
 import pytest
 import requests
-from mkv.index.reader import Reader
 
 from mkv.config import Config
 from mkv.index import schema
-from mkv.keys import blob_path, sidecar_path
+from mkv.index.reader import Reader
+from mkv.keys import sidecar_path
 from mkv.model import Record, State
-from mkv.service.store import HEALTH_CACHE_SECONDS, InFlight, Store
-from mkv.volumes.stream import VolumePool
+from mkv.ring import Ring
+from mkv.service.server import build_store
+from mkv.service.store import InFlight
 from mkv.writer.client import WriterClient
 from mkv.writer.protocol import KeyLocked
 from mkv.writer.server import serve_in_thread
-from tests.cluster import NginxVolume
-from tests.service import MkvService
-
-FAST_HEALTH = ["--health-interval", "0.2", "--health-timeout", "0.5", "--health-fail-count", "2",
-               "--health-ok-count", "2", "--volume-timeout", "1"]
-
-
-def wait_until(cond: Callable[[], object], timeout: float, what: str) -> float:
-    """Poll `cond`; return the seconds it took to become true."""
-    start = time.monotonic()
-    while not cond():
-        if time.monotonic() - start > timeout:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.02)
-    return time.monotonic() - start
-
-
-def replaced(svc: MkvService, name: str, old_pid: int) -> bool:
-    """One new process named `name` runs in place of `old_pid` (one look at /proc: two
-    looks could straddle the moment the old one is reaped)."""
-    pids = svc.pids(name)
-    return len(pids) == 1 and pids[0] != old_pid
-
-
-def settle() -> None:
-    """Let every worker's cached view of volume health (0.5 s) catch up."""
-    time.sleep(HEALTH_CACHE_SECONDS + 0.1)
-
-
-def volume_status(svc: MkvService, address: str) -> str:
-    for v in requests.get(svc.url + "/-/health", timeout=5).json()["volumes"]:
-        if v["volume"] == address:
-            return v["status"]
-    raise KeyError(address)
-
-
-def put(svc: MkvService, key: str, body: bytes) -> requests.Response:
-    return requests.put(svc.url + quote(key), data=body, timeout=30)
-
-
-def read(svc: MkvService, key: str) -> requests.Response:
-    return requests.get(svc.url + quote(key), timeout=30)
-
-
-def replicas_of(svc: MkvService, key: str) -> list[str]:
-    r = requests.head(svc.url + quote(key), allow_redirects=False, timeout=5)
-    assert r.status_code == 302, r.status_code
-    return r.headers["Key-Volumes"].split(",")
-
-
-def on_disk(vol: NginxVolume, key: str) -> bool:
-    return (vol.root / blob_path(key)[1:]).exists() or (vol.root / sidecar_path(key)[1:]).exists()
-
-
-def pending_deletes(svc: MkvService) -> list[tuple[str, str]]:
-    conn = apsw.Connection(svc.db, flags=apsw.SQLITE_OPEN_READONLY)
-    try:
-        return conn.execute("SELECT key, volumes FROM keys WHERE state=?",
-                            (int(State.DELETING),)).fetchall()
-    finally:
-        conn.close()
-
-
-def body_for(key: str, size: int = 2000) -> bytes:
-    seed = hashlib.sha256(key.encode()).digest()
-    return (seed * (size // len(seed) + 1))[:size]
+from tests.helpers import (
+    FAST_HEALTH,
+    body_for,
+    fetch,
+    on_disk,
+    pending_deletes,
+    put,
+    replaced,
+    replicas_of,
+    settle,
+    volume_status,
+    wait_until,
+)
 
 
 def test_one_volume_killed_reads_writes_deletes_continue_and_cleanup_runs_on_return(
@@ -119,19 +64,19 @@ def test_one_volume_killed_reads_writes_deletes_continue_and_cleanup_runs_on_ret
     settle()
 
     for k, b in keys.items():  # every key still readable, bytes intact, via a live replica
-        r = read(svc, k)
+        r = fetch(svc, k)
         assert r.status_code == 200 and r.content == b, k
 
     for i in range(12):  # writes keep R=2 copies on the two live volumes
         k = f"/one/new/{i}"
         assert put(svc, k, body_for(k, 5000 if i % 3 else (2 << 20))).status_code == 201
         assert dead.address not in replicas_of(svc, k)
-        assert read(svc, k).content == body_for(k, 5000 if i % 3 else (2 << 20))
+        assert fetch(svc, k).content == body_for(k, 5000 if i % 3 else (2 << 20))
 
     doomed = on_dead[:4]
     for k in doomed:  # deletes succeed at once; the copy on the dead volume is remembered
         assert requests.delete(svc.url + quote(k), timeout=10).status_code == 204
-        assert read(svc, k).status_code == 404
+        assert fetch(svc, k).status_code == 404
     pending = dict(pending_deletes(svc))
     assert set(doomed) <= set(pending)
     assert all(pending[k] == dead.address for k in doomed)
@@ -161,7 +106,7 @@ def test_two_of_three_killed_with_two_replicas(make_volumes, make_service):
     settle()
 
     for k, b in keys.items():
-        r = read(svc, k)
+        r = fetch(svc, k)
         if survivor.address in placed[k]:
             assert r.status_code == 200 and r.content == b
         else:
@@ -206,7 +151,7 @@ def test_writer_killed_during_32_concurrent_puts_loses_no_acknowledged_write(vol
     acknowledged = [k for k, s in results.items() if s == 201]
     assert len(acknowledged) > 50
     for k in acknowledged:  # every 201 answered before or after the kill is still true
-        r = read(svc, k)
+        r = fetch(svc, k)
         assert r.status_code == 200 and r.content == body_for(k, 1500), (k, r.status_code, r.text)
     assert requests.get(svc.url + "/-/health", timeout=5).json()["writer"]["locks"] == 0
     for k, s in results.items():  # no key left locked: a retry is stored or already there
@@ -234,105 +179,54 @@ def test_worker_killed_mid_large_put_leaves_no_key_and_no_lock(volumes, make_ser
     wait_until(lambda: requests.get(svc.url + "/-/health", timeout=5).status_code == 200, 10,
                "service healthy")
     assert requests.get(svc.url + "/-/health").json()["writer"]["locks"] == 0
-    assert read(svc, key).status_code == 404
+    assert fetch(svc, key).status_code == 404
     assert key not in requests.get(svc.url + "/killed/?list").json()["keys"]
     assert not any(v.root.joinpath(sidecar_path(key)[1:]).exists() for v in volumes)
     assert put(svc, key, b"second try").status_code == 201
-    assert read(svc, key).content == b"second try"
+    assert fetch(svc, key).content == b"second try"
 
 
-class SilentVolume:
-    """Accepts connections and reads whatever is sent, but never answers."""
-
-    def __init__(self) -> None:
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(64)
-        self.conns: list[socket.socket] = []
-        self.stopped = False
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    @property
-    def address(self) -> str:
-        return f"127.0.0.1:{self.sock.getsockname()[1]}"
-
-    def _accept(self) -> None:
-        while not self.stopped:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            self.conns.append(conn)
-            threading.Thread(target=self._drain, args=(conn,), daemon=True).start()
-
-    @staticmethod
-    def _drain(conn: socket.socket) -> None:
-        try:
-            while conn.recv(1 << 16):
-                pass
-        except OSError:
-            pass
-
-    def close(self) -> None:
-        self.stopped = True
-        self.sock.close()
-        for c in self.conns:
-            c.close()
-
-
-def test_silent_volume_is_marked_down_and_requests_do_not_hang(make_volumes, make_service):
+def test_silent_volume_is_marked_down_and_requests_do_not_hang(silent_volume, make_volumes,
+                                                               make_service):
     real = make_volumes(3)
-    silent = SilentVolume()
-    try:
-        svc = MkvService(real[0].root.parent / "svc-silent",
-                         [v.address for v in real] + [silent.address], replicas=2,
-                         extra=FAST_HEALTH)
-        svc.start()
-        try:
-            start = time.monotonic()
-            took = wait_until(lambda: volume_status(svc, silent.address) == "down", 10,
-                              "silent volume marked down")
-            # 2 failed probes of 0.5 s each, 0.2 s apart, plus publishing
-            assert took < 4.0, took
-            settle()
-            worst = 0.0
-            for i in range(30):
-                t = time.monotonic()
-                r = put(svc, f"/silent/{i}", b"v" * 300)
-                worst = max(worst, time.monotonic() - t)
-                assert r.status_code == 201
-                assert silent.address not in replicas_of(svc, f"/silent/{i}")
-            assert worst < 1.5, worst
-            print(f"silent volume down after {time.monotonic() - start:.2f}s; "
-                  f"slowest PUT {worst:.3f}s")
-        finally:
-            svc.stop()
-    finally:
-        silent.close()
+    silent = silent_volume
+    svc = make_service(real + [silent], replicas=2, extra=FAST_HEALTH)
+    start = time.monotonic()
+    took = wait_until(lambda: volume_status(svc, silent.address) == "down", 10,
+                      "silent volume marked down")
+    # 2 failed probes of 0.5 s each, 0.2 s apart, plus publishing
+    assert took < 4.0, took
+    settle()
+    worst = 0.0
+    for i in range(30):
+        t = time.monotonic()
+        r = put(svc, f"/silent/{i}", b"v" * 300)
+        worst = max(worst, time.monotonic() - t)
+        assert r.status_code == 201
+        assert silent.address not in replicas_of(svc, f"/silent/{i}")
+    assert worst < 1.5, worst
+    print(f"silent volume down after {time.monotonic() - start:.2f}s; "
+          f"slowest PUT {worst:.3f}s")
 
 
-def test_silent_volume_before_health_notices_costs_one_timeout_not_a_hang(make_volumes, tmp_path):
+def test_silent_volume_before_health_notices_costs_one_timeout_not_a_hang(silent_volume,
+                                                                         make_volumes,
+                                                                         make_service):
     """With slow probes, a PUT that lands on the silent volume waits volume-timeout, then
     takes the next healthy volume clockwise: 201, never a hang."""
     real = make_volumes(3)
-    silent = SilentVolume()
-    svc = MkvService(tmp_path / "svc-slowprobe", [v.address for v in real] + [silent.address],
-                     replicas=2, extra=["--health-interval", "30", "--volume-timeout", "1"])
-    try:
-        svc.start()
-        keys = [f"/slow/{i}" for i in range(40)]
-        from mkv.ring import Ring
-        ring = Ring(svc.volumes)
-        victim = next(k for k in keys if silent.address in ring.place(k, 2))
-        t = time.monotonic()
-        r = put(svc, victim, b"v" * 300)
-        took = time.monotonic() - t
-        assert r.status_code == 201 and took < 3.0, (r.status_code, took)
-        assert silent.address not in replicas_of(svc, victim)
-        assert read(svc, victim).content == b"v" * 300
-    finally:
-        svc.stop()
-        silent.close()
+    silent = silent_volume
+    svc = make_service(real + [silent], replicas=2,
+                       extra=["--health-interval", "30", "--volume-timeout", "1"])
+    keys = [f"/slow/{i}" for i in range(40)]
+    ring = Ring(svc.volumes)
+    victim = next(k for k in keys if silent.address in ring.place(k, 2))
+    t = time.monotonic()
+    r = put(svc, victim, b"v" * 300)
+    took = time.monotonic() - t
+    assert r.status_code == 201 and took < 3.0, (r.status_code, took)
+    assert silent.address not in replicas_of(svc, victim)
+    assert fetch(svc, victim).content == b"v" * 300
 
 
 def test_stalled_client_is_dropped_and_releases_the_lock(volumes, make_service):
@@ -344,7 +238,7 @@ def test_stalled_client_is_dropped_and_releases_the_lock(volumes, make_service):
         assert put(svc, "/stalled", b"other").status_code == 409  # the stalled PUT holds it
         wait_until(lambda: put(svc, "/stalled", b"other").status_code == 201, 5,
                    "the stalled upload to be dropped")
-        assert read(svc, "/stalled").content == b"other"
+        assert fetch(svc, "/stalled").content == b"other"
     finally:
         sock.close()
 
@@ -374,7 +268,7 @@ def test_health_process_stays_down_means_unknown_not_down(volumes, make_service)
         time.sleep(3.0)  # several intervals: the published rows are now stale
         statuses = {v["status"] for v in requests.get(svc.url + "/-/health").json()["volumes"]}
         assert statuses == {"unknown"}
-        assert read(svc, "/stale").content == b"stale"
+        assert fetch(svc, "/stale").content == b"stale"
         assert put(svc, "/stale2", b"x").status_code == 201
     finally:
         os.kill(health_pid, signal.SIGCONT)
@@ -386,8 +280,7 @@ def test_a_delete_whose_lock_died_with_the_writer_connection_spares_a_newer_put(
     cfg = Config(volumes=tuple(v.address for v in volumes), db=str(tmp_path / "i.db"), replicas=3)
     server, thread = serve_in_thread(cfg.db, cfg.writer_socket)
     try:
-        store = Store(cfg, Reader(lambda: schema.connect(cfg.db)), VolumePool(cfg.volume_timeout),
-                      lambda: WriterClient(cfg.writer_socket, timeout=5))
+        store = build_store(cfg, None)  # as a worker builds it, without a record cache
         body = b"first value"
         store.put("/gap", len(body), io.BytesIO(body).read, None)
         other = WriterClient(cfg.writer_socket)

@@ -15,7 +15,7 @@ import requests
 from mkv.index.cache import ChangeCount, RecordCache
 from mkv.model import Record, State
 from mkv.writer.client import WriterClient, wait_ready
-from tests.test_faults import replaced, wait_until
+from tests.helpers import replaced, wait_until
 
 
 def rec(key: str, md5: str = "m") -> Record:

@@ -9,12 +9,7 @@ import time
 import requests
 
 from tests.cluster import free_port, group_alive, wait_http
-
-
-def roundtrip(url: str, key: str) -> None:
-    assert requests.put(url + key, data=b"value of " + key.encode()).status_code == 201
-    r = requests.get(url + key)
-    assert r.status_code == 200 and r.content == b"value of " + key.encode()
+from tests.helpers import roundtrip
 
 
 def test_serve_runs_writer_and_stops_the_whole_tree(service):
