@@ -10,7 +10,6 @@ import functools
 import hashlib
 import itertools
 import logging
-import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -28,7 +27,7 @@ from mkv.service import metrics
 from mkv.volumes.errors import UploadAborted, VolumeError
 from mkv.volumes.pool import FanOut, Pool
 from mkv.volumes.wire import Request
-from mkv.writer.client import WriterClient
+from mkv.writer.client import ThreadClients, WriterClient
 from mkv.writer.protocol import KeyLocked, WriterError
 
 log = logging.getLogger("mkv.service.store")
@@ -103,8 +102,7 @@ class Store:
         self.ring = cfg.ring()
         self.executor = ThreadPoolExecutor(max_workers=cfg.threads * cfg.replicas * 2,
                                            thread_name_prefix="mkv-io")
-        self._writer_factory = writer_factory
-        self._local = threading.local()
+        self.writers = ThreadClients(writer_factory)
         self._health: dict[str, Health] = {}
         self._health_at = -1.0
         self._spread = itertools.count()
@@ -115,10 +113,7 @@ class Store:
 
     @property
     def writer(self) -> WriterClient:
-        client = getattr(self._local, "writer", None)
-        if client is None:
-            client = self._local.writer = self._writer_factory()
-        return client
+        return self.writers.get()
 
     def health(self) -> dict[str, Health]:
         """Published volume health (cached briefly), with this worker's own fresh

@@ -92,7 +92,8 @@ class Rebalancer:
         self.limiter = RateLimiter(limit_rate)
         self._rate_lock = threading.Lock()
         self._stats_lock = threading.Lock()
-        self.writers = ThreadClients(cfg.writer_socket, timeout=cfg.volume_timeout * 3)
+        self.writers = ThreadClients(
+            lambda: WriterClient(cfg.writer_socket, timeout=cfg.volume_timeout * 3))
         self.stats = Stats()
         self.out = out
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import socket
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 from mkv.model import Record, State
@@ -164,17 +165,16 @@ class WriterClient:
 
 class ThreadClients:
     """One WriterClient per thread (key locks belong to a connection, so threads never
-    share one), made on first use."""
+    share one), made by `make` on first use."""
 
-    def __init__(self, socket_path: str, timeout: float) -> None:
-        self.socket_path = socket_path
-        self.timeout = timeout
+    def __init__(self, make: Callable[[], WriterClient]) -> None:
+        self.make = make
         self._local = threading.local()
 
     def get(self) -> WriterClient:
         client = getattr(self._local, "client", None)
         if client is None:
-            client = self._local.client = WriterClient(self.socket_path, timeout=self.timeout)
+            client = self._local.client = self.make()
         return client
 
 
