@@ -1,5 +1,8 @@
+"""`python -m mkv`: the same as the `mkv` command."""
+
 import sys
 
 from mkv.cli import main
 
-sys.exit(main())
+if __name__ == "__main__":
+    sys.exit(main())

@@ -30,10 +30,6 @@ PACKAGE = "mkv"
 ENTRY_POINTS = {
     "mkv.service.wsgi",
     "mkv.service.gunicorn_conf",
-    # `python -m mkv`: it calls the CLI unconditionally, so importing it runs `mkv` with the
-    # importer's argv (and exits). Unlike mkv.writer.__main__ and mkv.health.__main__, it
-    # has no `if __name__ == "__main__":` guard.
-    "mkv.__main__",
 }
 
 Graph = Mapping[str, Iterable[str]]
