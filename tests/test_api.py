@@ -190,7 +190,7 @@ def test_concurrent_puts_of_one_key_one_wins_one_409(shared_service: MkvService)
     "/long/" + "%C3%A9" * 510,                 # 6 + 1020 = 1026 bytes once decoded
     "/ctl/a%01b", "/ctl/a%7Fb", "/ctl/a%0Ab", "/ctl/a%0D", "/ctl/%00",
     "/utf8/%FF", "/utf8/%C3%28", "/utf8/%ED%A0%80",  # the last: an encoded surrogate
-    "/-/anything", "/-/health/x", "/-", "/",
+    "/-", "/",
 ])
 def test_bad_keys_are_400_with_json(shared_service: MkvService, path: str) -> None:
     for method, body in (("PUT", b"value"), ("GET", None), ("DELETE", None)):
@@ -243,6 +243,48 @@ def test_hostile_but_valid_keys_round_trip_exactly(shared_service: MkvService) -
     # ?list answers the decoded keys, sorted by UTF-8 bytes.
     keys = listing(shared_service, "/h/?list")["keys"]
     assert keys == sorted(cases.values(), key=lambda k: k.encode())
+
+
+@pytest.mark.parametrize("path", ["/-/anything", "/-/health/x", "/-/ping"])
+def test_unknown_service_paths_are_404_with_json(shared_service: MkvService, path: str) -> None:
+    for method, body in (("PUT", b"value"), ("GET", None), ("DELETE", None)):
+        assert_json_error(raw(shared_service, method, path, body), 404)
+
+
+def test_scheme_like_text_inside_a_key_is_part_of_the_key(shared_service: MkvService) -> None:
+    """Only a target that starts with http:// or https:// is the absolute form: a `://`
+    further in must not rewrite the key (a proxy guarding /public/ would be bypassed)."""
+    assert put(shared_service, "/victim18", b"theirs").status_code == 201
+    status, headers, body = raw(shared_service, "PUT", "/public/x://y/victim18", b"mine")
+    assert status == 201 and body == b"" and "content-type" not in headers
+    assert raw_read(shared_service, "/public/x://y/victim18") == b"mine"
+    assert raw(shared_service, "DELETE", "/public/x://y/victim18")[0] == 204
+    assert read(shared_service, "/victim18") == b"theirs"
+    assert raw(shared_service, "PUT", "/a://b18", b"ab")[0] == 201
+    assert raw_read(shared_service, "/a://b18") == b"ab"
+    assert listing(shared_service, "/a:?list")["keys"] == ["/a://b18"]
+
+
+def test_malformed_request_lines_and_framework_answers_are_json(shared_service: MkvService) -> None:
+    host = f"127.0.0.1:{shared_service.port}"
+    assert put(shared_service, "/two-spaces/k", b"v").status_code == 201
+    lines = raw_exchange(shared_service, f"UNLINK  /two-spaces/k HTTP/1.1\r\nHost: {host}\r\n"
+                         "Connection: close\r\n\r\n".encode())
+    assert lines and lines[0].startswith(b"HTTP/1.1 400"), lines
+    assert read(shared_service, "/two-spaces/k") == b"v"  # not unlinked
+    for request in (f"OPTIONS * HTTP/1.1\r\nHost: {host}\r\n\r\n",
+                    f"CONNECT {host} HTTP/1.1\r\nHost: {host}\r\n\r\n"):
+        method, target = request.split(" ")[:2]
+        status, headers, body = raw(shared_service, method, target)
+        assert status in (400, 404, 405), (request, status, body)
+        assert_json_error((status, headers, body), status)
+        assert not json.loads(body)["error"][0].isdigit()
+    for method in ("PUT", "DELETE"):
+        assert_json_error(raw(shared_service, method, "/-/health", b"x"), 405)
+
+
+def test_a_list_limit_beyond_64_bits_is_400(shared_service: MkvService) -> None:
+    assert_json_error(raw(shared_service, "GET", "/?list&limit=99999999999999999999"), 400)
 
 
 def test_absolute_form_and_expect_continue(shared_service: MkvService) -> None:

@@ -649,3 +649,59 @@ def test_metrics_are_text_and_count_answers(client: TestClient, fake: FakeStore,
     assert r.status_code == 200
     assert r.headers["Content-Type"].startswith("text/plain")
     assert 'mkv_requests_total{method="PUT",status="201"}' in r.text
+
+
+# --- uniform answers ----------------------------------------------------------------------------
+
+
+def test_empty_201_and_204_answers_carry_no_content_type(client: TestClient, fake: FakeStore) -> None:
+    put = client.simulate_put("/empty/k", body=b"v")
+    assert put.status_code == 201 and put.content == b"" and "Content-Type" not in put.headers
+    unlink = client.simulate_request("UNLINK", "/empty/k")
+    assert unlink.status_code == 204 and "Content-Type" not in unlink.headers
+    delete = client.simulate_delete("/empty/k")
+    assert delete.status_code == 204 and "Content-Type" not in delete.headers
+
+
+@pytest.mark.parametrize("method", ["PUT", "DELETE", "POST"])
+def test_the_frameworks_own_errors_have_the_error_shape(client: TestClient, method: str) -> None:
+    r = client.simulate_request(method, "/-/health", body=b"x")
+    assert_error(r, 405)
+    assert "GET" in r.headers["Allow"]
+    # a method the framework does not know at all on a route of its own
+    assert_error(client.simulate_request("UNLINK", "/-/health"), 400)
+
+
+@pytest.mark.parametrize("path", ["/-/ping", "/-/anything", "/-/health/x", "/-/"])
+@pytest.mark.parametrize("method", ["GET", "HEAD", "PUT", "DELETE"])
+def test_unknown_service_paths_are_404(client: TestClient, fake: FakeStore, path: str,
+                                       method: str) -> None:
+    r = client.simulate_request(method, path, body=b"x" if method == "PUT" else None)
+    if method == "HEAD":
+        assert r.status_code == 404
+    else:
+        assert_error(r, 404, "not_found")
+    assert fake.calls == []
+
+
+@pytest.mark.parametrize("limit", ["99999999999999999999", str(1 << 63)])
+def test_a_limit_beyond_64_bits_is_400(client: TestClient, limit: str) -> None:
+    assert_error(client.simulate_get("/p/", query_string=f"list&limit={limit}"), 400, "bad_query")
+
+
+def test_a_key_with_scheme_like_text_is_its_own_key(client: TestClient, fake: FakeStore) -> None:
+    stored(fake, "/victim", b"theirs")
+    r = client.simulate_put("/public/x://y/victim", body=b"mine",
+                            extras={"RAW_URI": "/public/x://y/victim"})
+    assert r.status_code == 201
+    assert fake.bodies["/public/x://y/victim"] == b"mine" and fake.bodies["/victim"] == b"theirs"
+    r = client.simulate_delete("/public/x://y/victim", extras={"RAW_URI": "/public/x://y/victim"})
+    assert r.status_code == 204 and "/victim" in fake.records
+
+
+def test_a_store_error_nobody_mapped_is_counted_as_the_500_it_is(client: TestClient, fake: FakeStore,
+                                                                 no_shared_metrics: None) -> None:
+    fake.fail["put"] = RuntimeError("surprise")
+    before = count("PUT", 500), count("PUT", 200)
+    assert_error(client.simulate_put("/boom/k", body=b"v"), 500, "internal")
+    assert (count("PUT", 500), count("PUT", 200)) == (before[0] + 1, before[1])

@@ -12,7 +12,7 @@ from mkv.config import Config
 from mkv.core import Cas, Health
 from mkv.model import HealthRow, Record, State
 from mkv.ring import Ring
-from mkv.service.query import BadQuery, ListQuery, parse_query
+from mkv.service.query import BadQuery, ListQuery, parse_query, request_target
 from mkv.service.store import BadDigest, parse_content_md5
 from mkv.volumes.errors import ShortWrite, VolumeStatus, VolumeTimeout, VolumeUnreachable
 
@@ -283,3 +283,33 @@ def test_config_ring_uses_the_configured_vnodes():
     cfg = Config(volumes=("a:1", "b:2", "c:3"), vnodes=7)
     assert cfg.ring().place("/k", 2) == Ring(["a:1", "b:2", "c:3"], vnodes=7).place("/k", 2)
     assert Config(volumes=("a:1", "b:2")).ring().place("/k", 2) == Ring(["a:1", "b:2"]).place("/k", 2)
+
+
+# --- the request target ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("raw, expected", [
+    ("/public/x://y/victim", ("/public/x://y/victim", "")),
+    ("/a://b", ("/a://b", "")),
+    ("/a%3A%2F%2Fb?list", ("/a://b", "list")),
+    ("http://host:3000/k?list&limit=2", ("/k", "list&limit=2")),
+    ("HTTPS://host/a/b", ("/a/b", "")),
+    ("http://host?list", ("/", "list")),
+    ("http://host", ("/", "")),
+])
+def test_request_target(raw, expected):
+    assert request_target({"RAW_URI": raw, "QUERY_STRING": ""}) == expected
+
+
+@pytest.mark.parametrize("raw", ["*", "", "k", "ftp://host/k", "x://y/z"])
+def test_request_target_refuses_what_is_not_a_path(raw):
+    with pytest.raises(keys.BadKey):
+        request_target({"RAW_URI": raw})
+
+
+def test_request_target_without_a_raw_target_decodes_once():
+    # PATH_INFO is the path already percent-decoded, its bytes as latin-1 text
+    env = {"PATH_INFO": "/pct%41/é".encode().decode("latin-1"), "QUERY_STRING": "list"}
+    assert request_target(env) == ("/pct%41/é", "list")
+    with pytest.raises(keys.BadKey):
+        request_target({"PATH_INFO": "/\xff"})

@@ -19,9 +19,9 @@ import falcon
 from mkv import core
 from mkv.config import Config
 from mkv.core import Health
-from mkv.keys import BadKey, check_key, decode_path
+from mkv.keys import BadKey, check_key
 from mkv.service import metrics
-from mkv.service.query import BadQuery, ListQuery, parse_query
+from mkv.service.query import BadQuery, ListQuery, parse_query, request_target
 from mkv.service.store import (
     BadDigest,
     ClientGone,
@@ -63,21 +63,15 @@ def error_json(error: str, detail: str) -> bytes:
     return json.dumps({"error": error, "detail": detail}).encode()
 
 
+def no_content(resp: falcon.Response, status: str) -> None:
+    """An answer with no body (the app has no default media type, so no Content-Type)."""
+    resp.status = status
+
+
 def error_body(resp: falcon.Response, status: str, error: str, detail: str) -> None:
     resp.status = status
     resp.content_type = falcon.MEDIA_JSON
     resp.data = error_json(error, detail)
-
-
-def raw_target(env: dict) -> tuple[str, str]:
-    """The undecoded path and query, so the key is decoded exactly once, strictly."""
-    raw = env.get("RAW_URI") or env.get("REQUEST_URI")
-    if raw:
-        if "://" in raw.split("?", 1)[0]:  # absolute-form request target
-            raw = "/" + raw.split("://", 1)[1].partition("/")[2]
-        path, _, query = raw.partition("?")
-        return decode_path(path), query
-    return decode_path(env.get("PATH_INFO", "/")), env.get("QUERY_STRING", "")
 
 
 Headers = list[tuple[str, str]]
@@ -116,6 +110,11 @@ class KeyResource:
                 if isinstance(exc, cls):
                     error_body(resp, status, name, str(exc))
                     break
+        except falcon.HTTPError as exc:  # the framework's own, e.g. a body it cannot read
+            http_error_body(resp, exc)
+        except Exception as exc:  # noqa: BLE001 - answered here so the metric sees the 500
+            log.exception("unhandled error on %s %s", req.method, req.path)
+            error_body(resp, falcon.HTTP_500, "internal", type(exc).__name__)
         finally:
             metrics.observe(method if method in KEY_METHODS else "OTHER",
                             resp.status_code if resp.status else 200, started)
@@ -125,7 +124,7 @@ class KeyResource:
             resp.set_header("Allow", ", ".join(KEY_METHODS))
             error_body(resp, falcon.HTTP_405, "method_not_allowed", f"{req.method} is not supported")
             return
-        key, query = raw_target(req.env)
+        key, query = request_target(req.env)
         listing = parse_query(query)
         if listing is not None:
             if req.method not in ("GET", "HEAD"):
@@ -152,15 +151,15 @@ class KeyResource:
             sock.settimeout(self.cfg.client_timeout)
         self.store().put(key, length, req.bounded_stream.read, req.get_header("Content-MD5"))
         metrics.PUT_BYTES.inc(length)
-        resp.status = falcon.HTTP_201
+        no_content(resp, falcon.HTTP_201)
 
     def _delete(self, req: falcon.Request, resp: falcon.Response, key: str) -> None:
         self.store().delete(key)
-        resp.status = falcon.HTTP_204
+        no_content(resp, falcon.HTTP_204)
 
     def _unlink(self, req: falcon.Request, resp: falcon.Response, key: str) -> None:
         self.store().unlink(key)
-        resp.status = falcon.HTTP_204
+        no_content(resp, falcon.HTTP_204)
 
     def _list(self, req: falcon.Request, resp: falcon.Response, prefix: str,
               q: ListQuery) -> None:
@@ -212,6 +211,7 @@ class HealthResource:
         can_write = core.can_write([v["volume"] for v in volumes if v["up"]], writer_info["up"],
                                    self.cfg.replicas)
         resp.status = falcon.HTTP_200 if can_write else falcon.HTTP_503
+        resp.content_type = falcon.MEDIA_JSON
         resp.media = {"status": "ok" if can_write else "degraded", "pid": os.getpid(),
                       "replicas": self.cfg.replicas, "writer": writer_info, "volumes": volumes}
 
@@ -243,7 +243,7 @@ class FastReads:
             return self.app(env, start_response)
         started = time.perf_counter()
         try:
-            key, query = raw_target(env)
+            key, query = request_target(env)
             if query:  # the raw target disagrees with QUERY_STRING: the framework decides
                 return self.app(env, start_response)
             status, headers, body = lookup(self.store(), check_key(key, self.cfg.max_key_bytes))
@@ -258,19 +258,37 @@ class FastReads:
         return [] if method == "HEAD" else [body]
 
 
+def http_error_body(resp: falcon.Response, ex: falcon.HTTPError) -> None:
+    """The framework's errors (405 on /-/health, a bad request line) in mkv's error shape."""
+    title = ex.title or "error"
+    code, _, words = title.partition(" ")
+    name = words if code.isdigit() and words else title  # "404 Not Found" -> not_found
+    error_body(resp, ex.status, name.lower().replace(" ", "_"), ex.description or title)
+    for name, value in (ex.headers or {}).items():
+        resp.set_header(name, value)
+
+
+def unknown_service_path(req: falcon.Request, resp: falcon.Response, **_: str) -> None:
+    """/-/ paths other than /-/health and /-/metrics: nothing is there (and never a key)."""
+    error_body(resp, falcon.HTTP_404, "not_found", f"no such service path {req.path}")
+
+
 def create_app(cfg: Config, store: Callable[[], Store]) -> FastReads:
     """The WSGI app. `store` is called per request and builds the worker's Store lazily."""
-    app = falcon.App(media_type=falcon.MEDIA_JSON)
+    # no default media type: every answer with a body names its own, one without has none
+    app = falcon.App(media_type=None)
     app.add_route("/-/health", HealthResource(cfg, store))
     app.add_route("/-/metrics", MetricsResource())
     app.add_sink(KeyResource(cfg, store), prefix="/")
+    app.add_sink(unknown_service_path, prefix="/-/")  # added later: checked first
 
     def on_error(req: falcon.Request, resp: falcon.Response, ex: Exception, params: dict) -> None:
-        if isinstance(ex, falcon.HTTPError):
-            error_body(resp, ex.status, ex.title.lower().replace(" ", "_"), ex.description or "")
-            return
         log.exception("unhandled error on %s %s", req.method, req.path)
         error_body(resp, falcon.HTTP_500, "internal", type(ex).__name__)
 
+    def serialize(req: falcon.Request, resp: falcon.Response, ex: falcon.HTTPError) -> None:
+        http_error_body(resp, ex)
+
     app.add_error_handler(Exception, on_error)
+    app.set_error_serializer(serialize)
     return FastReads(cfg, store, app)
