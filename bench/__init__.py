@@ -12,4 +12,5 @@ profile    py-spy on the service under wrk load
 cpu        CPU per request of each process (workers, writer, nginx) under wrk load
 floor      mkv's own CPU per operation in one thread, nothing else running
 rebuild    mkv-rebuild speed
+orphans    the freeze reproduction: copies left on the volumes after DELETE
 """

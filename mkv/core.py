@@ -12,7 +12,7 @@ from collections.abc import Mapping, Sequence
 from urllib.parse import quote
 
 from mkv.keys import blob_path
-from mkv.model import HealthRow, Record, State
+from mkv.model import HealthRow, Pending, PendingOp, PendingState, Record, State
 from mkv.ring import Ring, failure_domain
 from mkv.volumes.errors import ShortWrite, VolumeError, VolumeStatus
 
@@ -202,6 +202,44 @@ def delete_cas(current: Record | None, *, expect: Record | None, checked: bool) 
     return Cas.WRITE
 
 
+def intents_cover(pending: Sequence[Pending], volumes: Sequence[str]) -> bool:
+    """May a client PUT record copies on `volumes`? Only while each is still the write's
+    own intent (not made due, or removed, while a writer restart had orphaned it)."""
+    mine = {p.volume for p in pending if p.op is PendingOp.REMOVE
+            and p.state in (PendingState.INTENT, PendingState.ORPHANED)}
+    return all(v in mine for v in volumes)
+
+
+# --- pending operations ----------------------------------------------------------------
+
+
+def orphan_grace(volume_timeout: float, client_timeout: float) -> float:
+    """How long the intents of a write cut off by a writer restart stay untouched: the
+    write may still be streaming, and is refused at its end if they were made due. A
+    write slower than this across a restart gets 409, never a record without bytes."""
+    return 10 * (volume_timeout + client_timeout)
+
+
+class PendingAction(enum.Enum):
+    DROP = "drop"      # nothing to do any more: forget it
+    REMOVE = "remove"  # remove the copy
+    MARK = "mark"      # rewrite the copy's sidecar as unlinked
+
+
+def pending_action(pending: Pending, record: Record | None) -> PendingAction:
+    """What a pending operation comes to, under the key's lock, given its record now.
+
+    A copy the record names is the record's (a later write or move put it there, or the
+    delete machinery owns it): never removed from here. A sidecar is marked only while
+    the key is still unlinked with a copy on that volume."""
+    named = record is not None and pending.volume in record.volumes
+    if pending.op is PendingOp.REMOVE:
+        return PendingAction.DROP if named else PendingAction.REMOVE
+    if named and record is not None and record.state is State.UNLINKED:
+        return PendingAction.MARK
+    return PendingAction.DROP
+
+
 # --- rebalance -------------------------------------------------------------------------
 
 
@@ -272,8 +310,9 @@ def blamed(errors: Sequence[BaseException | None]) -> list[VolumeError]:
     return out
 
 
-def delete_split(record: Record, health: HealthMap) -> tuple[list[str], list[str]]:
-    """A delete's copies: (to remove now, left pending because their volume is down)."""
+def reachable_split(record: Record, health: HealthMap) -> tuple[list[str], list[str]]:
+    """A record's copies: (to change now, left to a pending operation because their
+    volume is down). Used by DELETE and UNLINK."""
     now = [v for v in record.volumes if usable(v, health)]
     return now, [v for v in record.volumes if v not in now]
 

@@ -39,3 +39,26 @@ class HealthRow:
     since: float
     latency_ms: float | None
     error: str | None
+
+
+class PendingOp(enum.IntEnum):
+    """Work on one copy that must happen even if nobody asks again (docs/design.md,
+    "Pending operations")."""
+
+    REMOVE = 1         # the copy is not named by the key's record: remove it
+    MARK_UNLINKED = 2  # the key was unlinked while this copy's volume was down: mark its sidecar
+
+
+class PendingState(enum.IntEnum):
+    INTENT = 0    # a write may be putting a copy there right now: leave it alone
+    DUE = 1       # to be done as soon as the volume answers
+    ORPHANED = 2  # an intent whose writer process restarted: due once the write had its time
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Pending:
+    key: str
+    volume: str
+    op: PendingOp
+    state: PendingState
+    since: float

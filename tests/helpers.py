@@ -12,7 +12,10 @@ import hashlib
 import http.client
 import http.server
 import json
+import os
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -32,6 +35,8 @@ from tests.service import MkvService
 TIMEOUT = 30
 
 #: Health settings fast enough for failure tests to be short.
+REPO = Path(__file__).resolve().parent.parent
+
 FAST_HEALTH = ["--health-interval", "0.2", "--health-timeout", "0.5", "--health-fail-count", "2",
                "--health-ok-count", "2", "--volume-timeout", "1"]
 
@@ -94,6 +99,37 @@ def pending_deletes(svc: MkvService) -> list[tuple[str, str]]:
     try:
         return conn.execute("SELECT key, volumes FROM keys WHERE state=?",
                             (int(State.DELETING),)).fetchall()
+    finally:
+        conn.close()
+
+
+# --- the tools ------------------------------------------------------------------------------
+
+
+def run_cli(volumes: list[NginxVolume] | list[str], db: str | Path, *args: str,
+            replicas: int = 3, timeout: float = 120) -> subprocess.CompletedProcess:
+    addresses = [v if isinstance(v, str) else v.address for v in volumes]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MKV_")}
+    return subprocess.run(
+        [sys.executable, "-m", "mkv.tools.rebuild", "--volumes", ",".join(addresses),
+         "--db", str(db), "--replicas", str(replicas), "--volume-timeout", "5", *args],
+        capture_output=True, text=True, timeout=timeout, cwd=REPO, env=env)
+
+
+def rows(db: str | Path) -> dict[str, tuple]:
+    conn = apsw.Connection(str(db), flags=apsw.SQLITE_OPEN_READONLY)
+    try:
+        return {r[0]: tuple(r[1:]) for r in
+                conn.execute("SELECT key, state, volumes, size, md5 FROM keys")}
+    finally:
+        conn.close()
+
+
+def pending_ops(svc: MkvService) -> list[tuple[str, str, int, int]]:
+    """(key, volume, op, state) of every pending operation on a copy."""
+    conn = apsw.Connection(svc.db, flags=apsw.SQLITE_OPEN_READONLY)
+    try:
+        return conn.execute("SELECT key, volume, op, state FROM pending").fetchall()
     finally:
         conn.close()
 

@@ -9,8 +9,8 @@ from hypothesis import strategies as st
 
 from mkv import core, keys
 from mkv.config import Config
-from mkv.core import Cas, Health
-from mkv.model import HealthRow, Record, State
+from mkv.core import Cas, Health, PendingAction
+from mkv.model import HealthRow, Pending, PendingOp, PendingState, Record, State
 from mkv.ring import Ring
 from mkv.service.query import BadQuery, ListQuery, parse_query, request_target
 from mkv.service.store import BadDigest, parse_content_md5
@@ -229,10 +229,10 @@ def test_blamed_skips_torn_uploads_and_the_requests_own_4xx():
     assert [e.volume for e in core.blamed(errors)] == ["a:1", "b:2", "b:2"]
 
 
-def test_delete_split_and_copies_left():
+def test_reachable_split_and_copies_left():
     r = rec(state=State.DELETING)
     health = {"a:1": Health.UP, "b:2": Health.DOWN}  # c:3 unknown: tried
-    now, later = core.delete_split(r, health)
+    now, later = core.reachable_split(r, health)
     assert (now, later) == (["a:1", "c:3"], ["b:2"])
     assert core.copies_left(r, later, ["c:3"]) == ("b:2", "c:3")
     assert core.copies_left(r, [], []) == ()
@@ -313,3 +313,40 @@ def test_request_target_without_a_raw_target_decodes_once():
     assert request_target(env) == ("/pct%41/é", "list")
     with pytest.raises(keys.BadKey):
         request_target({"PATH_INFO": "/\xff"})
+
+
+# --- pending operations ---------------------------------------------------------------------
+
+
+def pend(volume, op=PendingOp.REMOVE, state=PendingState.DUE):
+    return Pending("/k", volume, op, state, 1.0)
+
+
+def test_a_copy_the_record_names_is_never_removed_by_a_pending_operation():
+    live = rec()  # a:1, b:2, c:3
+    assert core.pending_action(pend("a:1"), live) is PendingAction.DROP
+    assert core.pending_action(pend("d:4"), live) is PendingAction.REMOVE
+    assert core.pending_action(pend("a:1"), None) is PendingAction.REMOVE
+    deleting = rec(state=State.DELETING)  # the delete machinery owns those copies
+    assert core.pending_action(pend("a:1"), deleting) is PendingAction.DROP
+
+
+def test_a_sidecar_is_marked_only_while_the_key_is_unlinked_there():
+    mark = PendingOp.MARK_UNLINKED
+    assert core.pending_action(pend("a:1", mark), rec(state=State.UNLINKED)) is PendingAction.MARK
+    assert core.pending_action(pend("d:4", mark), rec(state=State.UNLINKED)) is PendingAction.DROP
+    assert core.pending_action(pend("a:1", mark), rec()) is PendingAction.DROP  # live again
+    assert core.pending_action(pend("a:1", mark), None) is PendingAction.DROP
+
+
+def test_a_put_records_only_copies_still_its_own():
+    own = [pend("a:1", state=PendingState.INTENT), pend("b:2", state=PendingState.ORPHANED)]
+    assert core.intents_cover(own, ["a:1", "b:2"])
+    assert not core.intents_cover(own, ["a:1", "c:3"])
+    assert not core.intents_cover([pend("a:1")], ["a:1"])  # made due: maybe removed already
+    assert not core.intents_cover([pend("a:1", PendingOp.MARK_UNLINKED, PendingState.INTENT)],
+                                  ["a:1"])
+
+
+def test_orphan_grace_outlasts_a_stalled_volume_and_client():
+    assert core.orphan_grace(10.0, 30.0) == 400.0

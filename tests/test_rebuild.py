@@ -24,7 +24,6 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from urllib.parse import quote
 
-import apsw
 import pytest
 import requests
 
@@ -39,9 +38,9 @@ from mkv.volumes.errors import VolumeUnreachable
 from mkv.volumes.pool import Retry
 from mkv.writer.server import serve_in_thread
 from tests.cluster import NginxVolume, free_port
+from tests.helpers import REPO, rows, run_cli
 from tests.service import MkvService
 
-REPO = Path(__file__).resolve().parent.parent
 TIMEOUT = 30
 
 
@@ -68,25 +67,6 @@ def plant(vol: NginxVolume, key: str, data: bytes, *, blob: bytes | None = None,
     if with_sidecar:
         (d / f"{h}.key").write_bytes(
             sidecar_body(key, len(data), md5(data)) if sidecar is None else sidecar)
-
-
-def run_cli(volumes: list[NginxVolume] | list[str], db: str | Path, *args: str,
-            replicas: int = 3, timeout: float = 120) -> subprocess.CompletedProcess:
-    addresses = [v if isinstance(v, str) else v.address for v in volumes]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MKV_")}
-    return subprocess.run(
-        [sys.executable, "-m", "mkv.tools.rebuild", "--volumes", ",".join(addresses),
-         "--db", str(db), "--replicas", str(replicas), "--volume-timeout", "5", *args],
-        capture_output=True, text=True, timeout=timeout, cwd=REPO, env=env)
-
-
-def rows(db: str | Path) -> dict[str, tuple]:
-    conn = apsw.Connection(str(db), flags=apsw.SQLITE_OPEN_READONLY)
-    try:
-        return {r[0]: tuple(r[1:]) for r in
-                conn.execute("SELECT key, state, volumes, size, md5 FROM keys")}
-    finally:
-        conn.close()
 
 
 def url_of(svc: MkvService, key: str) -> str:

@@ -20,6 +20,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--timeout", type=float, default=1.0)
     p.add_argument("--fail-count", type=int, default=2)
     p.add_argument("--ok-count", type=int, default=2)
+    p.add_argument("--orphan-after", type=float, default=400.0,
+                   help="seconds before the intents of a write cut off by a writer restart "
+                        "are due for cleanup")
     p.add_argument("--log-level", default="info")
     p.add_argument("--parent", type=int, default=0, help="supervising master's pid")
     args = p.parse_args(argv)
@@ -27,7 +30,8 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s [%(process)d] [health] %(levelname)s %(message)s")
     checker = HealthChecker(args.db, args.volumes.split(","), interval=args.interval,
                             timeout=args.timeout, fail_count=args.fail_count,
-                            ok_count=args.ok_count, writer_socket=args.writer_socket)
+                            ok_count=args.ok_count, writer_socket=args.writer_socket,
+                            orphan_after=args.orphan_after)
 
     def stop() -> None:
         checker.stopping = True

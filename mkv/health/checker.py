@@ -19,14 +19,18 @@ import time
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 
+from mkv import core
 from mkv.cleanup import finish_delete
+from mkv.core import PendingAction
 from mkv.health.probe import ProbeState, observe
 from mkv.health.reporter import health_socket_path
 from mkv.index import schema
 from mkv.index.reader import Reader
+from mkv.keys import sidecar_body, sidecar_path
 from mkv.model import HealthRow, State
 from mkv.volumes.errors import VolumeError
 from mkv.volumes.pool import Pool
+from mkv.volumes.wire import Request
 from mkv.writer.client import WriterClient
 from mkv.writer.protocol import KeyLocked, WriterError
 
@@ -37,14 +41,16 @@ CLEANUP_BATCH = 200
 
 class HealthChecker:
     def __init__(self, db: str, volumes: Iterable[str], *, interval: float, timeout: float,
-                 fail_count: int, ok_count: int, writer_socket: str) -> None:
+                 fail_count: int, ok_count: int, writer_socket: str,
+                 orphan_after: float = 400.0) -> None:
         self.volumes = list(volumes)
+        self.orphan_after = orphan_after
         self.interval = interval
         self.fail_count = fail_count
         self.ok_count = ok_count
         self.conn = schema.open_index(db)
         self.reader = Reader(self.conn)
-        self.pool = Pool(timeout)  # probes and the pending-delete cleanup
+        self.pool = Pool(timeout)  # probes, pending deletes and pending operations
         self.executor = ThreadPoolExecutor(max_workers=max(4, len(self.volumes)))
         self.writer = WriterClient(writer_socket, timeout=timeout * 5)
         self.states: dict[str, ProbeState] = {}
@@ -138,6 +144,45 @@ class HealthChecker:
             done += not left
         return done
 
+    def finish_pending(self) -> int:
+        """Carry out due pending operations on volumes that answer (docs/design.md,
+        "Pending operations"): remove copies no record names, mark sidecars of keys
+        unlinked while their volume was down. Each under the key's lock, decided by
+        core.pending_action on the record as it is then. Returns operations finished."""
+        done = 0
+        up = {v for v, s in self.states.items() if s.up}
+        for item in self.reader.due_pending(time.time() - self.orphan_after, limit=CLEANUP_BATCH):
+            if item.volume not in up:
+                continue
+            try:
+                current = self.writer.lock(item.key)
+            except KeyLocked:
+                continue  # a write is in flight: its end decides
+            except WriterError:
+                return done
+            try:
+                action = core.pending_action(item, current)
+                error = None
+                if action is not PendingAction.DROP:
+                    self.writer.held(item.key)
+                if action is PendingAction.REMOVE:
+                    error = self.pool.remove_copies(item.key, [item.volume]).get(item.volume)
+                elif action is PendingAction.MARK:
+                    assert current is not None
+                    body = sidecar_body(item.key, current.size, current.md5, unlinked=True)
+                    error = self.pool.exchange(
+                        {item.volume: [Request("PUT", sidecar_path(item.key), body)]}).get(item.volume)
+                if error is not None:
+                    log.warning("pending %s of %r on %s: %s", item.op.name, item.key, item.volume, error)
+                    self.writer.release(item.key)
+                    continue
+                self.writer.pending_done(item.key, item.volume, item.op)
+                done += 1
+            except WriterError:
+                self.writer.close()  # drops the lock too
+                return done
+        return done
+
     def run(self) -> None:
         while not self.stopping:
             started = time.monotonic()
@@ -146,6 +191,9 @@ class HealthChecker:
                 cleaned = self.cleanup()
                 if cleaned:
                     log.info("finished %d pending deletes", cleaned)
+                finished = self.finish_pending()
+                if finished:
+                    log.info("finished %d pending operations on copies", finished)
             except Exception:  # noqa: BLE001 - cleanup must never stop the probes
                 log.exception("pending-delete cleanup failed")
             while not self.stopping:

@@ -9,10 +9,11 @@ from collections.abc import Callable, Iterator
 
 import apsw
 
+from mkv.index import schema
 from mkv.index.cache import RecordCache
 from mkv.index.schema import COLUMNS, row_to_record
 from mkv.keys import next_prefix
-from mkv.model import HealthRow, Record, State
+from mkv.model import HealthRow, Pending, PendingState, Record, State
 
 
 class Reader:
@@ -95,6 +96,21 @@ class Reader:
                 (int(state), after, limit),
             ).fetchall()
         return [row_to_record(r) for r in rows]
+
+    def pending(self, key: str) -> list[Pending]:
+        with self._lock:
+            return schema.read_pending(self.conn, key)
+
+    def due_pending(self, orphaned_before: float, limit: int = 1000) -> list[Pending]:
+        """Pending operations to carry out now: the due ones, and intents orphaned by a
+        writer restart before `orphaned_before` (oldest first)."""
+        with self._lock:
+            rows = self.conn.execute(
+                f"SELECT {schema.PENDING_COLUMNS} FROM pending WHERE state=? "
+                "OR (state=? AND since<?) ORDER BY since LIMIT ?",
+                (int(PendingState.DUE), int(PendingState.ORPHANED), orphaned_before, limit),
+            ).fetchall()
+        return [schema.row_to_pending(r) for r in rows]
 
     def scan(self, after: str = "", limit: int = 1000) -> list[Record]:
         """Records of every state in key order after `after`: the tools' walk."""

@@ -13,9 +13,11 @@ from collections.abc import Iterable
 
 import apsw
 
-from mkv.model import HealthRow, Record, State
+from mkv.model import HealthRow, Pending, PendingOp, PendingState, Record, State
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+#: Versions this mkv opens and upgrades in place (2 added the pending table).
+UPGRADES_FROM = {1}
 
 
 SCHEMA = """
@@ -37,6 +39,15 @@ CREATE TABLE IF NOT EXISTS volume_health(
     error TEXT
 );
 CREATE TABLE IF NOT EXISTS meta(name TEXT PRIMARY KEY, value TEXT);
+CREATE TABLE IF NOT EXISTS pending(
+    key TEXT NOT NULL,
+    volume TEXT NOT NULL,
+    op INT NOT NULL,
+    state INT NOT NULL,
+    since REAL NOT NULL,
+    PRIMARY KEY(key, volume, op)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS pending_due ON pending(state, since);
 """
 
 
@@ -66,10 +77,10 @@ def init_schema(conn: apsw.Connection) -> None:
     with conn:
         conn.execute(SCHEMA)
         row = conn.execute("SELECT value FROM meta WHERE name='schema_version'").fetchone()
-        if row is None:
-            conn.execute("INSERT INTO meta VALUES('schema_version', ?)", (str(SCHEMA_VERSION),))
-        elif int(row[0]) != SCHEMA_VERSION:
+        if row is not None and int(row[0]) != SCHEMA_VERSION and int(row[0]) not in UPGRADES_FROM:
             raise SchemaError(f"index schema version {row[0]}, this mkv needs {SCHEMA_VERSION}")
+        # an older version's file has just got the tables it lacked (CREATE IF NOT EXISTS)
+        conn.execute("INSERT OR REPLACE INTO meta VALUES('schema_version', ?)", (str(SCHEMA_VERSION),))
 
 
 def open_index(path: str, *, synchronous: str = "NORMAL") -> apsw.Connection:
@@ -127,3 +138,45 @@ def write_health(conn: apsw.Connection, rows: Iterable[HealthRow]) -> None:
             "INSERT OR REPLACE INTO volume_health VALUES(?,?,?,?,?,?)",
             ((r.volume, int(r.up), r.checked, r.since, r.latency_ms, r.error) for r in rows),
         )
+
+
+# --- pending operations (docs/design.md, "Pending operations") --------------------------
+
+
+PENDING_COLUMNS = "key, volume, op, state, since"
+
+
+def row_to_pending(row: tuple) -> Pending:
+    key, volume, op, state, since = row
+    return Pending(key, volume, PendingOp(op), PendingState(state), since)
+
+
+def read_pending(conn: apsw.Connection, key: str) -> list[Pending]:
+    return [row_to_pending(r) for r in conn.execute(
+        f"SELECT {PENDING_COLUMNS} FROM pending WHERE key=?", (key,))]
+
+
+def write_pending(conn: apsw.Connection, rows: Iterable[Pending]) -> None:
+    """Insert or replace: a new intent or due operation takes over an older row."""
+    conn.executemany(
+        f"INSERT OR REPLACE INTO pending({PENDING_COLUMNS}) VALUES(?,?,?,?,?)",
+        ((p.key, p.volume, int(p.op), int(p.state), p.since) for p in rows))
+
+
+def delete_pending(conn: apsw.Connection, key: str, volumes: Iterable[str], op: PendingOp) -> None:
+    conn.executemany("DELETE FROM pending WHERE key=? AND volume=? AND op=?",
+                     ((key, v, int(op)) for v in volumes))
+
+
+def activate_intents(conn: apsw.Connection, key: str, since: float) -> None:
+    """The key's write ended without naming these copies: their removal is due."""
+    conn.execute("UPDATE pending SET state=?, since=? WHERE key=? AND state IN (?, ?)",
+                 (int(PendingState.DUE), since, key, int(PendingState.INTENT),
+                  int(PendingState.ORPHANED)))
+
+
+def orphan_intents(conn: apsw.Connection, since: float) -> None:
+    """On a writer's start: intents of the writer before it have no owner any more."""
+    with conn:
+        conn.execute("UPDATE pending SET state=?, since=? WHERE state=?",
+                     (int(PendingState.ORPHANED), since, int(PendingState.INTENT)))

@@ -19,6 +19,7 @@ from typing import Any
 from gunicorn.app.base import BaseApplication
 from gunicorn.config import Config as GunicornConfig
 
+from mkv import core
 from mkv.config import Config
 from mkv.health.reporter import FailureReporter, health_socket_path
 from mkv.index import schema
@@ -93,6 +94,8 @@ def children(cfg: Config, changes: ChangeCount) -> list[Child]:
                               "--timeout", str(cfg.health_timeout),
                               "--fail-count", str(cfg.health_fail_count),
                               "--ok-count", str(cfg.health_ok_count),
+                              "--orphan-after", str(core.orphan_grace(cfg.volume_timeout,
+                                                                      cfg.client_timeout)),
                               "--log-level", cfg.log_level, *me])
     return [writer, health]
 

@@ -156,9 +156,9 @@ class Store:
 
     # --- writes ---
 
-    def _lock(self, key: str) -> Record | None:
+    def _lock(self, key: str, intend: list[str] | None = None) -> Record | None:
         try:
-            return self.writer.lock(key, retry=True)
+            return self.writer.lock(key, retry=True, intend=intend or ())
         except KeyLocked:
             raise InFlight(key) from None
 
@@ -171,26 +171,33 @@ class Store:
     def put(self, key: str, length: int, read: Callable[[int], bytes], content_md5: str | None) -> Record:
         """Stream `length` bytes from `read` to R volumes, then record them."""
         expect_md5 = parse_content_md5(content_md5)
-        current = self._lock(key)
+        # placed before the lock, so the lock's commit records the write's intent too:
+        # every copy this PUT attempts is accounted for (docs/design.md, "Write protocol")
+        try:
+            volumes: list[str] | None = self._place(key)
+        except Unavailable as exc:
+            volumes, unavailable = None, exc
+        current = self._lock(key, intend=volumes)
         try:
             if core.put_verdict(current) is Verdict.EXISTS:
                 raise KeyExists(key)
-            volumes = self._place(key)
+            if volumes is None:
+                raise unavailable
             if length <= CHUNK:
                 volumes, md5 = self._upload_small(key, volumes, length, read, expect_md5)
             else:
                 md5 = self._upload(key, volumes, length, read, expect_md5)
             record = Record(key, State.LIVE, tuple(volumes), length, md5, time.time())
             try:
-                self.writer.put(record, retry=True, new=True)
+                # the writer queues the copies the record does not name for removal,
+                # and those of a delete this PUT replaces
+                self.writer.put(record, retry=True, new=True, intent=True)
             except KeyLocked:
                 raise InFlight(key) from None
             except WriterError as exc:
                 if exc.code == "conflict":  # written by another PUT while the writer restarted
                     raise InFlight(key) from None
                 raise
-            if current is not None and current.state is State.DELETING:
-                self._cleanup_after_reput(current, volumes)
             return record
         except BaseException:
             self.writer.release(key)
@@ -222,6 +229,7 @@ class Store:
         both = [Request("PUT", blob_path(key), body), Request("PUT", sidecar_path(key), sidecar)]
         done: list[str] = []
         failed: list[VolumeError] = []
+        intended = set(volumes)  # recorded with the lock
         for _attempt in range(3):
             todo = [v for v in volumes if v not in done]
             errors: list[VolumeError] = list(self.pool.exchange({v: both for v in todo}).values())
@@ -238,6 +246,10 @@ class Store:
                 volumes = self._place(key)  # the failed ones now count as down
             except Unavailable:
                 break
+            new = [v for v in volumes if v not in intended]
+            if new:
+                self.writer.intend(key, new, retry=True)  # before any byte goes there
+                intended.update(new)
         self._remove(key, sorted(set(done) | {e.volume for e in failed}))
         raise VolumeFailed("; ".join(str(e) for e in failed))
 
@@ -298,11 +310,6 @@ class Store:
             log.warning("could not remove %r from %s: %s", key, err.volume, err.detail)
         return errors
 
-    def _cleanup_after_reput(self, old: Record, new_volumes: list[str]) -> None:
-        stale = core.cleanup_volumes(old, new_volumes)
-        if stale:
-            self._remove(old.key, stale)
-
     def delete(self, key: str) -> None:
         """Hard delete: hide the key at once, then remove its copies.
 
@@ -321,7 +328,7 @@ class Store:
             deleting = self._expecting(key, self.writer.set_state, key, State.DELETING,
                                        keep_lock=True, retry=True, expect=current)
             # copies on down volumes stay pending: the health process finishes them
-            remove_now, _ = core.delete_split(deleting, self.health())
+            remove_now, _ = core.reachable_split(deleting, self.health())
             _, errors = self._expecting(key, finish_delete, self.pool, self.writer, deleting,
                                         remove_now)
             self._blame(errors)
@@ -349,10 +356,15 @@ class Store:
                 raise KeyMissing(key)
             # sidecars first: a crash in between hides a live key from a rebuild (it is
             # listed by ?unlinked), never brings an unlinked one back
+            # a sidecar on a down volume (or one that fails now) is marked by the health
+            # process once its volume answers: a pending operation, in the same commit
             body = sidecar_body(key, current.size, current.md5, unlinked=True)
-            self._small({v: [Request("PUT", sidecar_path(key), body)] for v in current.volumes})
+            now, later = core.reachable_split(current, self.health())
+            errors = self._small({v: [Request("PUT", sidecar_path(key), body)] for v in now})
+            failed = {e.volume for e in errors}
             self._expecting(key, self.writer.set_state, key, State.UNLINKED, retry=True,
-                            expect=current)
+                            expect=current, mark=[v for v in current.volumes
+                                                  if v in later or v in failed])
         except BaseException:
             self.writer.release(key)
             raise

@@ -6,10 +6,10 @@ from __future__ import annotations
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
-from mkv.model import Record, State
+from mkv.model import PendingOp, Record, State
 from mkv.writer.protocol import (
     RECV_BYTES,
     KeyLocked,
@@ -99,9 +99,23 @@ class WriterClient:
 
     # conveniences that name the protocol's operations
 
-    def lock(self, key: str, *, retry: bool = False) -> Record | None:
-        """Take the key's lock; returns its current record (None if absent)."""
-        return record_from_wire(self.call(op="lock", key=key, retry=retry)["record"])
+    def lock(self, key: str, *, retry: bool = False,
+             intend: Sequence[str] = ()) -> Record | None:
+        """Take the key's lock; returns its current record (None if absent). `intend`: the
+        volumes a PUT is about to write, recorded in the same commit unless the key is
+        live (docs/design.md, "Pending operations")."""
+        req: dict[str, Any] = {"op": "lock", "key": key}
+        if intend:
+            req["intend"] = list(intend)
+        return record_from_wire(self.call(retry=retry, **req)["record"])
+
+    def intend(self, key: str, volumes: Sequence[str], *, retry: bool = False) -> None:
+        """More volumes the write under this lock may put copies on, before it does."""
+        self.call(op="intend", key=key, volumes=list(volumes), retry=retry)
+
+    def pending_done(self, key: str, volume: str, op: PendingOp) -> None:
+        """A pending operation was carried out or found needless; releases the lock."""
+        self.call(op="pending_done", key=key, volume=volume, pending_op=int(op))
 
     def unlock(self, key: str) -> None:
         self.call(op="unlock", key=key)
@@ -116,10 +130,12 @@ class WriterClient:
             self.close()
 
     def put(self, rec: Record, *, keep_lock: bool = False, retry: bool = False,
-            expect: Record | None = None, new: bool = False) -> None:
+            expect: Record | None = None, new: bool = False, intent: bool = False) -> None:
         """Write `rec`. `new`: only if the key is not live (or is live as exactly `rec`,
         which is what a retry after a lost answer finds). `expect`: only over exactly
-        that record (or, again, where `rec` is already)."""
+        that record (or, again, where `rec` is already). `intent`: the write recorded its
+        intent at `lock`; its copies must still be its own, and the ones `rec` does not
+        name become due for removal."""
         req: dict[str, Any] = {"op": "put", "key": rec.key, "state": int(rec.state),
                                "volumes": list(rec.volumes), "size": rec.size, "md5": rec.md5,
                                "mtime": rec.mtime, "keep_lock": keep_lock}
@@ -127,14 +143,20 @@ class WriterClient:
             req["expect"] = record_to_wire(expect)
         if new:
             req["guard"] = "new"
+        if intent:
+            req["intent"] = True
         self.call(retry=retry, **req)
 
     def set_state(self, key: str, state: State, *, keep_lock: bool = False,
-                  retry: bool = False, expect: Record | None = None) -> Record | None:
+                  retry: bool = False, expect: Record | None = None,
+                  mark: Sequence[str] = ()) -> Record | None:
         """Change the key's state; with `expect`, only if its record is exactly that.
+        `mark`: volumes whose sidecar is still to be marked unlinked (a pending operation).
         Returns the record as changed (its mtime is the writer's)."""
         req: dict[str, Any] = {"op": "state", "key": key, "state": int(state),
                                "keep_lock": keep_lock}
+        if mark:
+            req["mark"] = list(mark)
         if expect is not None:
             req["expect"] = record_to_wire(expect)
         return record_from_wire(self.call(retry=retry, **req)["record"])

@@ -13,7 +13,7 @@ _HEADER = struct.Struct("!I")
 
 
 #: Requests that change the index; anything else runs outside a transaction.
-WRITE_OPS = frozenset(("put", "state", "delete", "bulk"))
+WRITE_OPS = frozenset(("put", "state", "delete", "bulk", "intend", "pending_done"))
 
 
 MAX_FRAME = 64 << 20

@@ -25,7 +25,7 @@ from mkv import core
 from mkv.core import Cas
 from mkv.index import schema
 from mkv.index.cache import ChangeCount
-from mkv.model import Record, State
+from mkv.model import Pending, PendingOp, PendingState, Record, State
 from mkv.writer.lockfile import WriterLock
 from mkv.writer.protocol import (
     RECV_BYTES,
@@ -41,12 +41,13 @@ from mkv.writer.protocol import (
 log = logging.getLogger("mkv.writer")
 
 class _Conn:
-    __slots__ = ("sock", "buf", "locks")
+    __slots__ = ("sock", "buf", "locks", "intents")
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
         self.buf = bytearray()
         self.locks: set[str] = set()
+        self.intents: set[str] = set()  # keys whose write intents this connection owns
 
 
 _WAKE = object()
@@ -68,6 +69,9 @@ class WriterServer:
         self.changes = changes
         if changes is not None:
             changes.bump()
+        # the intents of a writer before this one have no owner now (docs/design.md,
+        # "Pending operations"): the health process makes them due after a grace period
+        schema.orphan_intents(self.db, time.time())
         self.socket_path = socket_path
         self.locks: dict[str, _Conn] = {}
         self.sel = selectors.DefaultSelector()
@@ -156,7 +160,16 @@ class WriterServer:
             self._drop(conn)
 
     def _drop(self, conn: _Conn) -> None:
-        """A closed connection gives up its locks: a killed worker leaves no key locked."""
+        """A closed connection gives up its locks (a killed worker leaves no key locked),
+        and the copies its unfinished writes may have made become due for removal."""
+        if conn.intents:
+            try:
+                with self.db:
+                    for key in conn.intents:
+                        schema.activate_intents(self.db, key, time.time())
+            except apsw.Error as exc:  # they stay intents; orphaned at the next start
+                log.error("could not queue the copies of a dropped connection: %s", exc)
+            conn.intents.clear()
         for key in conn.locks:
             if self.locks.get(key) is conn:
                 del self.locks[key]
@@ -177,7 +190,7 @@ class WriterServer:
         releases: list[tuple[_Conn, str]] = []
         writes = 0
         # a batch of only locks, unlocks and reads needs no transaction at all
-        transact = any(req.get("op") in WRITE_OPS for _, req in batch)
+        transact = any(self._writes(conn, req) for conn, req in batch)
         try:
             if transact:
                 self.db.execute("BEGIN IMMEDIATE")
@@ -262,16 +275,55 @@ class WriterServer:
                 "committed_ops": self.committed_ops, "locks": len(self.locks),
                 "uptime": time.time() - self.started}, None, 0
 
+    @staticmethod
+    def _writes(conn: _Conn, req: dict) -> bool:
+        """Does this request change the index (and so need the batch's transaction)?"""
+        op = req.get("op")
+        return (op in WRITE_OPS or (op == "lock" and bool(req.get("intend")))
+                or (op == "unlock" and req.get("key") in conn.intents))
+
+    def _intend(self, conn: _Conn, key: str, volumes: list[str]) -> int:
+        """Record that a write of `key` may put copies on `volumes` (before it does)."""
+        now = time.time()
+        schema.write_pending(self.db, [Pending(key, v, PendingOp.REMOVE, PendingState.INTENT, now)
+                                       for v in volumes])
+        conn.intents.add(key)
+        return len(volumes)
+
     def _op_lock(self, conn: _Conn, req: dict) -> tuple[dict, None, int]:
+        """Take the key's lock; with `intend` (volumes), also record the write's intent,
+        unless the key is live (the PUT will be refused: it writes nothing)."""
         key = req["key"]
         if key in self.locks:
             raise KeyLocked(key)
+        record = schema.read_record(self.db, key)
+        wrote = 0
+        if req.get("intend") and (record is None or record.state is not State.LIVE):
+            wrote = self._intend(conn, key, list(req["intend"]))
         self.locks[key] = conn
         conn.locks.add(key)
-        return {"ok": True, "record": record_to_wire(schema.read_record(self.db, key))}, None, 0
+        return {"ok": True, "record": record_to_wire(record)}, None, wrote
+
+    def _op_intend(self, conn: _Conn, req: dict) -> tuple[dict, None, int]:
+        """More volumes a write may touch (a replica re-placed after a failure)."""
+        self._need_lock(conn, req)
+        return {"ok": True}, None, self._intend(conn, req["key"], list(req["volumes"]))
 
     def _op_unlock(self, conn: _Conn, req: dict) -> tuple[dict, str, int]:
-        return {"ok": True}, req["key"], 0
+        """Give the lock back; a write that ends here recorded nothing, so the copies it
+        intended become due for removal."""
+        key = req["key"]
+        if key in conn.intents:
+            schema.activate_intents(self.db, key, time.time())
+            conn.intents.discard(key)
+            return {"ok": True}, key, 1
+        return {"ok": True}, key, 0
+
+    def _op_pending_done(self, conn: _Conn, req: dict) -> tuple[dict, str | None, int]:
+        """A pending operation was carried out (or found needless) under the key's lock."""
+        self._need_lock(conn, req)
+        schema.delete_pending(self.db, req["key"], [req["volume"]], PendingOp(req["pending_op"]))
+        return self._done(conn, req)
 
     def _op_put(self, conn: _Conn, req: dict) -> tuple[dict, str | None, int]:
         """Write a record; `expect` and `guard` make it a compare-and-set (core.put_cas)."""
@@ -283,10 +335,24 @@ class WriterServer:
         cur = schema.read_record(self.db, key) if checked or guard_new else None
         verdict = core.put_cas(cur, rec, expect=record_from_wire(req.get("expect")),
                                checked=checked, guard_new=guard_new)
+        if verdict is Cas.WRITE and req.get("intent"):
+            # the copies must still be the write's own: after a writer restart the health
+            # process may have made them due (and removed them) while the upload went on
+            if not core.intents_cover(schema.read_pending(self.db, key), rec.volumes):
+                verdict = Cas.CONFLICT
         if verdict is Cas.CONFLICT:
             raise WriterError("conflict", key)
         if verdict is Cas.WRITE:
             schema.write_record(self.db, rec)
+            if req.get("intent"):
+                now = time.time()
+                schema.delete_pending(self.db, key, rec.volumes, PendingOp.REMOVE)
+                schema.activate_intents(self.db, key, now)
+                conn.intents.discard(key)
+                if cur is not None and cur.state is State.DELETING:  # a re-PUT over a delete
+                    schema.write_pending(self.db, [
+                        Pending(key, v, PendingOp.REMOVE, PendingState.DUE, now)
+                        for v in cur.volumes if v not in rec.volumes])
         return self._done(conn, req)
 
     def _op_state(self, conn: _Conn, req: dict) -> tuple[dict, str | None, int]:
@@ -303,6 +369,10 @@ class WriterServer:
                 return self._done(conn, req, record=record_to_wire(cur))
         if not schema.write_state(self.db, key, state):
             raise WriterError("not_found", key)
+        if req.get("mark"):  # sidecars that could not be marked unlinked yet
+            now = time.time()
+            schema.write_pending(self.db, [Pending(key, v, PendingOp.MARK_UNLINKED, PendingState.DUE, now)
+                                           for v in req["mark"]])
         return self._done(conn, req, record=record_to_wire(schema.read_record(self.db, key)))
 
     def _op_delete(self, conn: _Conn, req: dict) -> tuple[dict, str | None, int]:

@@ -1,0 +1,159 @@
+"""Deleted stays deleted: every copy a write attempts is accounted for, and unlinked keys
+stay unlinked, through frozen and killed volumes, a killed worker and a killed writer.
+
+Real nginx volumes, a real `mkv serve`, and mkv-rebuild as the judge: what a rebuild
+would bring back is what the volumes still hold.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from urllib.parse import quote
+
+import requests
+
+from mkv.config import Config
+from mkv.keys import sidecar_path
+from mkv.model import PendingOp
+from tests.cluster import NginxVolume
+from tests.helpers import (
+    FAST_HEALTH,
+    body_for,
+    disk_files,
+    fetch,
+    pending_deletes,
+    pending_ops,
+    put,
+    replicas_of,
+    rows,
+    run_cli,
+    volume_status,
+    wait_until,
+)
+
+
+def placed_on(volumes: list[NginxVolume], target: NginxVolume, replicas: int, n: int,
+              prefix: str) -> list[str]:
+    """`n` keys whose ring placement includes `target`."""
+    ring = Config(volumes=tuple(v.address for v in volumes)).ring()
+    keys = (f"{prefix}{i}" for i in range(10_000))
+    return [k for k in keys if target.address in ring.place(k, replicas)][:n]
+
+
+def freeze(vol: NginxVolume) -> None:
+    os.killpg(vol.proc.pid, signal.SIGSTOP)  # master and workers: its own process group
+
+
+def thaw(vol: NginxVolume) -> None:
+    os.killpg(vol.proc.pid, signal.SIGCONT)
+
+
+def test_a_frozen_volume_leaves_no_copy_a_delete_or_a_rebuild_misses(make_volumes, make_service,
+                                                                     tmp_path: Path) -> None:
+    vols = make_volumes(4)
+    svc = make_service(vols, replicas=2, extra=FAST_HEALTH)
+    frozen = vols[0]
+    keys = placed_on(vols, frozen, 2, 6, "/freeze/")
+    freeze(frozen)
+    try:
+        with ThreadPoolExecutor(4) as pool:  # PUTs wait on the frozen volume, then re-place
+            answers = list(pool.map(lambda k: put(svc, k, body_for(k)).status_code, keys))
+        assert answers == [201] * len(keys)
+        assert not any(frozen.address in replicas_of(svc, k) for k in keys)
+    finally:
+        thaw(frozen)
+    # the frozen nginx now finishes the uploads it had taken in: copies no record names
+    wait_until(lambda: volume_status(svc, frozen.address) == "up", 15, "the volume to be up")
+    wait_until(lambda: not pending_ops(svc), 15, "the pending removals to finish")
+    orphans = [k for k in keys if disk_files([frozen], k)]
+    print(f"orphan copies on the frozen volume after cleanup: {len(orphans)} of {len(keys)} keys")
+    assert orphans == []
+
+    for k in keys:
+        assert requests.delete(svc.url + quote(k), timeout=10).status_code == 204
+    wait_until(lambda: not pending_deletes(svc) and not pending_ops(svc), 15, "cleanup")
+    assert svc.stop() == 0
+    assert not any(disk_files(vols, k) for k in keys)
+    rebuilt = tmp_path / "rebuilt.db"
+    proc = run_cli(vols, rebuilt, replicas=2)
+    assert proc.returncode in (0, 1), proc.stderr
+    assert not [k for k in rows(rebuilt) if k.startswith("/freeze/")]
+
+
+def sidecars(vols: list[NginxVolume], key: str) -> list[dict]:
+    return [json.loads(p.read_text()) for v in vols
+            if (p := v.root / sidecar_path(key)[1:]).exists()]
+
+
+def test_unlink_with_a_volume_down_marks_its_sidecar_when_it_returns(make_volumes, make_service,
+                                                                     tmp_path: Path) -> None:
+    vols = make_volumes(3)
+    svc = make_service(vols, replicas=3, extra=FAST_HEALTH)
+    keys = [f"/unlink-down/{i}" for i in range(6)]
+    for k in keys:
+        assert put(svc, k, body_for(k)).status_code == 201
+    dead = vols[1]
+    dead.kill()
+    wait_until(lambda: volume_status(svc, dead.address) == "down", 10, "volume marked down")
+    for k in keys:
+        assert requests.request("UNLINK", svc.url + quote(k), timeout=10).status_code == 204
+        assert fetch(svc, k).status_code == 404
+    assert {(k, v, op) for k, v, op, _ in pending_ops(svc)} == {
+        (k, dead.address, int(PendingOp.MARK_UNLINKED)) for k in keys}
+    assert all(s.get("unlinked") is not True for k in keys for s in sidecars([dead], k))
+
+    dead.restart()
+    wait_until(lambda: not pending_ops(svc), 15, "the pending marks to finish")
+    for k in keys:
+        marks = sidecars(vols, k)
+        assert len(marks) == 3 and all(s["unlinked"] is True for s in marks), (k, marks)
+    assert svc.stop() == 0
+    rebuilt = tmp_path / "rebuilt.db"
+    proc = run_cli(vols, rebuilt, replicas=3)
+    assert proc.returncode == 0, proc.stderr
+    states = {k: row[0] for k, row in rows(rebuilt).items() if k.startswith("/unlink-down/")}
+    assert states == {k: 2 for k in keys}  # State.UNLINKED
+
+
+def test_a_worker_killed_between_upload_and_record_leaves_no_copy(volumes, make_service) -> None:
+    """The worker dies with its upload done on some volumes and nothing recorded: its
+    writer connection closes, its intents become due, the health process removes them."""
+    svc = make_service(volumes, replicas=3, extra=FAST_HEALTH, workers=1)
+    key = "/killed/between"
+    size = 8 << 20
+    sock = socket.create_connection(("127.0.0.1", svc.port))
+    sock.sendall(f"PUT {key} HTTP/1.1\r\nHost: x\r\nContent-Length: {size}\r\n\r\n".encode())
+    sock.sendall(b"k" * (size - 1))  # all but the last byte: the volumes hold most of it
+    wait_until(lambda: any(k == key for k, *_ in pending_ops(svc)), 10, "the write's intent")
+    (worker,) = [p for p in svc.pids("mkv serve") if p != svc.proc.pid]
+    os.kill(worker, signal.SIGKILL)
+    sock.close()
+    wait_until(lambda: not pending_ops(svc), 15, "the intents to be cleaned up")
+    assert fetch(svc, key).status_code == 404
+    assert not disk_files(volumes, key)
+
+
+def test_a_writer_killed_between_intent_and_record(volumes, make_service) -> None:
+    """The writer dies while a PUT streams: the upload finishes, the record is written by
+    the restarted writer (the intent, orphaned, is still the write's own), nothing is left
+    pending and the value reads back whole."""
+    svc = make_service(volumes, replicas=3, extra=FAST_HEALTH, workers=1)
+    key = "/writer-killed/between"
+    size = 8 << 20
+    sock = socket.create_connection(("127.0.0.1", svc.port))
+    sock.sendall(f"PUT {key} HTTP/1.1\r\nHost: x\r\nContent-Length: {size}\r\n\r\n".encode())
+    sock.sendall(b"w" * (size // 2))
+    wait_until(lambda: any(k == key for k, *_ in pending_ops(svc)), 10, "the write's intent")
+    (writer,) = svc.pids("mkv.writer")
+    os.kill(writer, signal.SIGKILL)
+    sock.sendall(b"w" * (size - size // 2))
+    reply = sock.recv(4096)
+    sock.close()
+    assert reply.startswith(b"HTTP/1.1 201"), reply
+    assert fetch(svc, key).content == b"w" * size
+    wait_until(lambda: not pending_ops(svc), 10, "nothing pending")
