@@ -148,13 +148,13 @@ def unlink_verdict(record: Record | None) -> Verdict:
     return Verdict.PROCEED if record is not None and record.state is State.LIVE else Verdict.MISSING
 
 
-def cleanup_volumes(old: Record, new_volumes: Sequence[str]) -> list[str]:
-    """Volumes of a pending delete whose copies must not be removed after a re-PUT.
-
-    The blob name depends only on the key, so a pending cleanup may only remove
-    copies from volumes the key's current record does not use.
-    """
-    return [v for v in old.volumes if v not in new_volumes]
+def replaced_copies(old: Record | None, new: Record) -> list[str]:
+    """The copies of an UNLINKED or DELETING record that a PUT replacing it leaves
+    behind: those on volumes the new record does not use (on the others the new value
+    was written over the same path). Their removal becomes a pending operation."""
+    if old is None or old.state is State.LIVE:
+        return []
+    return [v for v in old.volumes if v not in new.volumes]
 
 
 # --- the writer's compare-and-set rules ------------------------------------------------

@@ -172,9 +172,12 @@ def test_verdicts():
     assert core.unlink_verdict(rec(state=State.UNLINKED)) is V.MISSING
 
 
-def test_cleanup_after_reput_spares_the_new_copies():
-    old = rec(volumes=("a:1", "b:2", "c:3"))
-    assert core.cleanup_volumes(old, ["b:2", "c:3", "d:4"]) == ["a:1"]
+def test_a_put_over_an_unlinked_or_deleting_record_leaves_only_its_other_copies():
+    new = rec(volumes=("b:2", "c:3", "d:4"))
+    for state in (State.UNLINKED, State.DELETING):
+        assert core.replaced_copies(rec(state=state, volumes=("a:1", "b:2", "c:3")), new) == ["a:1"]
+    assert core.replaced_copies(None, new) == []
+    assert core.replaced_copies(rec(), new) == []  # a live key is never replaced
 
 
 # --- queries ---

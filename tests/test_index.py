@@ -25,7 +25,8 @@ def reader(conn):
 
 
 def test_schema_version_recorded_and_checked(conn):
-    assert conn.execute("SELECT value FROM meta WHERE name='schema_version'").fetchone()[0] == str(schema.SCHEMA_VERSION)
+    version = conn.execute("SELECT value FROM meta WHERE name='schema_version'").fetchone()[0]
+    assert version == str(schema.SCHEMA_VERSION)
     conn.execute("UPDATE meta SET value='99' WHERE name='schema_version'")
     with pytest.raises(schema.SchemaError):
         schema.init_schema(conn)

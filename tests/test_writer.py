@@ -259,7 +259,8 @@ def test_a_put_keeps_the_copies_it_names_and_queues_the_others(writer):
     c.intend("/k", ["d:4"])  # a replica re-placed after b:2 failed
     c.put(rec("/k", ("a:1", "c:3", "d:4")), new=True, intent=True)
     assert pending_of(db, "/k") == {("b:2", R, D)}
-    assert [p.key for p in reader_of(db).due_pending(0.0)] == ["/k"]
+    assert [p.key for p in reader_of(db).due_pending(0.0, ["b:2"])] == ["/k"]
+    assert reader_of(db).due_pending(0.0, ["a:1", "e:5"]) == []  # only rows on those volumes
 
 
 def test_a_write_that_ends_without_a_record_queues_every_copy(writer):
@@ -332,3 +333,14 @@ def test_an_index_of_the_previous_schema_is_upgraded_in_place(tmp_path):
     assert schema.read_record(upgraded, "/old") == rec("/old")
     assert schema.read_pending(upgraded, "/old") == []
     assert upgraded.execute("SELECT value FROM meta WHERE name='schema_version'").fetchone()[0] == "2"
+
+
+@pytest.mark.parametrize("state", [State.UNLINKED, State.DELETING])
+def test_a_put_over_an_unlinked_or_deleting_record_queues_its_other_copies(writer, state):
+    db, sock, _ = writer
+    c = WriterClient(sock)
+    c.lock("/re")
+    c.put(dataclasses.replace(rec("/re", ("a:1", "b:2")), state=state))
+    assert c.lock("/re", intend=["b:2", "c:3"]).state is state
+    c.put(rec("/re", ("b:2", "c:3")), new=True, intent=True)
+    assert pending_of(db, "/re") == {("a:1", R, D)}

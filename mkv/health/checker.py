@@ -16,7 +16,7 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 from mkv import core
@@ -27,7 +27,7 @@ from mkv.health.reporter import health_socket_path
 from mkv.index import schema
 from mkv.index.reader import Reader
 from mkv.keys import sidecar_body, sidecar_path
-from mkv.model import HealthRow, State
+from mkv.model import HealthRow, Record, State
 from mkv.volumes.errors import VolumeError
 from mkv.volumes.pool import Pool
 from mkv.volumes.wire import Request
@@ -123,9 +123,7 @@ class HealthChecker:
         """Finish deletes whose copies stayed on volumes that were down. Returns keys done."""
         done = 0
         up = {v for v, s in self.states.items() if s.up}
-        for rec in self.reader.records_in_state(State.DELETING, limit=CLEANUP_BATCH):
-            if not set(rec.volumes) & up:
-                continue
+        for rec in self._pending_deletes(up):
             try:
                 current = self.writer.lock(rec.key)
             except KeyLocked:
@@ -144,6 +142,20 @@ class HealthChecker:
             done += not left
         return done
 
+    def _pending_deletes(self, up: set[str]) -> Iterator[Record]:
+        """DELETING records with a copy on a volume that answers, a page at a time, so
+        deletes stuck on a down volume never hold back the others; at most a batch."""
+        after, given = "", 0
+        while given < CLEANUP_BATCH:
+            page = self.reader.records_in_state(State.DELETING, after, CLEANUP_BATCH)
+            if not page:
+                return
+            after = page[-1].key
+            for rec in page:
+                if set(rec.volumes) & up:
+                    given += 1
+                    yield rec
+
     def finish_pending(self) -> int:
         """Carry out due pending operations on volumes that answer (docs/design.md,
         "Pending operations"): remove copies no record names, mark sidecars of keys
@@ -151,9 +163,7 @@ class HealthChecker:
         core.pending_action on the record as it is then. Returns operations finished."""
         done = 0
         up = {v for v, s in self.states.items() if s.up}
-        for item in self.reader.due_pending(time.time() - self.orphan_after, limit=CLEANUP_BATCH):
-            if item.volume not in up:
-                continue
+        for item in self.reader.due_pending(time.time() - self.orphan_after, up, CLEANUP_BATCH):
             try:
                 current = self.writer.lock(item.key)
             except KeyLocked:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import apsw
 
@@ -101,14 +101,20 @@ class Reader:
         with self._lock:
             return schema.read_pending(self.conn, key)
 
-    def due_pending(self, orphaned_before: float, limit: int = 1000) -> list[Pending]:
-        """Pending operations to carry out now: the due ones, and intents orphaned by a
-        writer restart before `orphaned_before` (oldest first)."""
+    def due_pending(self, orphaned_before: float, volumes: Iterable[str],
+                    limit: int = 1000) -> list[Pending]:
+        """Pending operations to carry out now on `volumes` (those that answer): the due
+        ones, and intents orphaned by a writer restart before `orphaned_before`, oldest
+        first. Rows on other volumes wait without holding these back."""
+        vols = list(volumes)
+        if not vols:
+            return []
+        marks = ",".join("?" * len(vols))
         with self._lock:
             rows = self.conn.execute(
-                f"SELECT {schema.PENDING_COLUMNS} FROM pending WHERE state=? "
-                "OR (state=? AND since<?) ORDER BY since LIMIT ?",
-                (int(PendingState.DUE), int(PendingState.ORPHANED), orphaned_before, limit),
+                f"SELECT {schema.PENDING_COLUMNS} FROM pending WHERE volume IN ({marks}) "
+                "AND (state=? OR (state=? AND since<?)) ORDER BY since LIMIT ?",
+                (*vols, int(PendingState.DUE), int(PendingState.ORPHANED), orphaned_before, limit),
             ).fetchall()
         return [schema.row_to_pending(r) for r in rows]
 

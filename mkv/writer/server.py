@@ -349,10 +349,9 @@ class WriterServer:
                 schema.delete_pending(self.db, key, rec.volumes, PendingOp.REMOVE)
                 schema.activate_intents(self.db, key, now)
                 conn.intents.discard(key)
-                if cur is not None and cur.state is State.DELETING:  # a re-PUT over a delete
-                    schema.write_pending(self.db, [
-                        Pending(key, v, PendingOp.REMOVE, PendingState.DUE, now)
-                        for v in cur.volumes if v not in rec.volumes])
+                schema.write_pending(self.db, [
+                    Pending(key, v, PendingOp.REMOVE, PendingState.DUE, now)
+                    for v in core.replaced_copies(cur, rec)])
         return self._done(conn, req)
 
     def _op_state(self, conn: _Conn, req: dict) -> tuple[dict, str | None, int]:
