@@ -61,15 +61,32 @@ def key_hash(key: str) -> str:
     return hashlib.sha256(key.encode("utf-8")).hexdigest()
 
 
-def blob_path(key: str) -> str:
-    """URL path of the key's blob on a volume: /<h[0:2]>/<h[2:4]>/<h>."""
+#: A generation: lowercase hex, at most 32 digits (docs/design.md, "Volumes and the
+#: on-disk format"). New writes use GEN_DIGITS: microseconds since the epoch, then random.
+GEN_RE = re.compile("[0-9a-f]{1,32}")
+GEN_DIGITS = 19
+
+
+def new_gen(now_ns: int, rand: bytes) -> str:
+    """A write's generation: 13 hex digits of microseconds, 6 of `rand` (3 bytes). Two
+    writes of one key never share one, and a later write's sorts after an earlier's."""
+    return f"{now_ns // 1000:013x}{rand[:3].hex()}"
+
+
+def gen_order(gen: str) -> tuple[int, str]:
+    """Sort key of generations: "" (written before generations) is the oldest."""
+    return (len(gen), gen)
+
+
+def blob_path(key: str, gen: str = "") -> str:
+    """URL path of a write's blob on a volume: /<h[0:2]>/<h[2:4]>/<h>[.<gen>]."""
     h = key_hash(key)
-    return f"/{h[0:2]}/{h[2:4]}/{h}"
+    return f"/{h[0:2]}/{h[2:4]}/{h}.{gen}" if gen else f"/{h[0:2]}/{h[2:4]}/{h}"
 
 
-def sidecar_path(key: str) -> str:
-    """URL path of the key's sidecar, written only once the blob is complete."""
-    return blob_path(key) + ".key"
+def sidecar_path(key: str, gen: str = "") -> str:
+    """URL path of a write's sidecar, written only once the blob is complete."""
+    return blob_path(key, gen) + ".key"
 
 
 def sidecar_body(key: str, size: int, md5: str, unlinked: bool = False) -> bytes:

@@ -19,7 +19,9 @@ class State(enum.IntEnum):
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Record:
-    """One key's row: where its bytes really are, in ring order."""
+    """One key's row: where its bytes really are, in ring order, and the generation of
+    the write that made them (part of the file names; "" for data written before
+    generations, whose files carry none)."""
 
     key: str
     state: State
@@ -27,6 +29,7 @@ class Record:
     size: int
     md5: str
     mtime: float
+    gen: str = ""
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
