@@ -24,9 +24,11 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from urllib.parse import quote
 
+import apsw
 import pytest
 import requests
 
+from mkv import keys
 from mkv.config import Config
 from mkv.index import schema
 from mkv.keys import key_hash, sidecar_body
@@ -59,13 +61,16 @@ def leaf_dir(vol: NginxVolume, key: str) -> Path:
 
 
 def plant(vol: NginxVolume, key: str, data: bytes, *, blob: bytes | None = None,
-          sidecar: bytes | None = None, with_blob: bool = True, with_sidecar: bool = True) -> None:
-    """Write a replica onto a volume's disk as the service would (or, given overrides, not)."""
-    d, h = leaf_dir(vol, key), key_hash(key)
+          sidecar: bytes | None = None, with_blob: bool = True, with_sidecar: bool = True,
+          gen: str = "") -> None:
+    """Write a replica onto a volume's disk as the service would (or, given overrides, not):
+    named <h> without a generation (as before generations), else <h>.<gen>."""
+    d = leaf_dir(vol, key)
+    name = key_hash(key) + (f".{gen}" if gen else "")
     if with_blob:
-        (d / h).write_bytes(data if blob is None else blob)
+        (d / name).write_bytes(data if blob is None else blob)
     if with_sidecar:
-        (d / f"{h}.key").write_bytes(
+        (d / f"{name}.key").write_bytes(
             sidecar_body(key, len(data), md5(data)) if sidecar is None else sidecar)
 
 
@@ -146,6 +151,85 @@ def test_merge_dir_counts_only_replicas_with_blob_and_sidecar() -> None:
     }
 
 
+GEN = "0123456789abcdef012"  # 19 digits, as new writes have
+
+
+def test_parse_leaf_takes_both_name_forms_and_pairs_nothing_yet() -> None:
+    h = "abcd" + "1" * 60
+    g32 = "f" * 32
+    leaf = scan.parse_leaf("ab/cd", [
+        entry(h, 10), entry(h + ".key", 70),  # before generations
+        entry(f"{h}.{GEN}", 11), entry(f"{h}.{GEN}.key", 71),  # a generation
+        entry(f"{h}.{g32}", 12), entry(f"{h}.0.key", 72)])  # the longest and the shortest
+    assert leaf.blobs == {h: (10, "Sun, 29 Nov 2026 10:43:13 GMT"),
+                          f"{h}.{GEN}": (11, "Sun, 29 Nov 2026 10:43:13 GMT"),
+                          f"{h}.{g32}": (12, "Sun, 29 Nov 2026 10:43:13 GMT")}
+    assert leaf.sidecars == {h: 70, f"{h}.{GEN}": 71, f"{h}.0": 72}
+    assert leaf.strays == []
+
+
+@pytest.mark.parametrize("name", [
+    "abcd" + "1" * 60 + ".ABC",  # uppercase
+    "abcd" + "1" * 60 + ".ABC.key",
+    "abcd" + "1" * 60 + ".12g4",  # not hex
+    "abcd" + "1" * 60 + ".12g4.key",
+    "abcd" + "1" * 60 + "." + "a" * 33,  # longer than 32 digits
+    "abcd" + "1" * 60 + "." + "a" * 33 + ".key",
+    "abcd" + "1" * 60 + ".",  # empty
+    "abcd" + "1" * 60 + "..key",
+    "abcd" + "1" * 60 + ".12.34",  # two generations
+    "abcd" + "1" * 60 + ".key.key",
+    "abcd" + "1" * 60 + ".12.key.tmp",
+    "abcd" + "1" * 60 + "-12",
+    "abcd" + "1" * 59 + ".12",  # a short hash
+    "ffff" + "1" * 60 + ".12",  # another directory's hash
+    "ffff" + "1" * 60 + ".12.key",
+    "ABCD" + "1" * 60 + ".12",
+    " abcd" + "1" * 60 + ".12",
+])
+def test_parse_leaf_bad_names_with_a_generation_are_stray(name: str) -> None:
+    leaf = scan.parse_leaf("ab/cd", [entry(name)])
+    assert (leaf.blobs, leaf.sidecars, leaf.strays) == ({}, {}, [name])
+
+
+def test_parse_leaf_a_directory_named_like_a_write_is_stray() -> None:
+    name = "abcd" + "1" * 60 + "." + GEN
+    leaf = scan.parse_leaf("ab/cd", [entry(name, kind="directory")])
+    assert (leaf.blobs, leaf.sidecars, leaf.strays) == ({}, {}, [name])
+
+
+def test_merge_dir_pairs_blob_and_sidecar_by_file_id() -> None:
+    h = "abcd" + "1" * 60
+    old, new, other = h, f"{h}.{GEN}", f"{h}.{'e' * 19}"
+    leaves = {
+        "v1": Leaf({old: (5, "t"), new: (6, "t")}, {old: 60, new: 61}, []),
+        "v2": Leaf({new: (6, "t")}, {new: 61}, []),
+        # a blob of one generation and a sidecar of another: two halves, no replica
+        "v3": Leaf({new: (6, "t")}, {other: 61}, []),
+    }
+    cands, problems = scan.merge_dir("ab/cd", leaves)
+    got = {(c.hash, c.gen): c.replicas for c in cands}
+    assert got == {(h, ""): [("v1", 5, "t", 60)],
+                   (h, GEN): [("v1", 6, "t", 61), ("v2", 6, "t", 61)]}
+    by_gen = {c.gen: c for c in cands}
+    assert by_gen[""].blob_path == f"/ab/cd/{h}" and by_gen[""].sidecar_path == f"/ab/cd/{h}.key"
+    assert by_gen[GEN].blob_path == f"/ab/cd/{h}.{GEN}"
+    assert by_gen[GEN].sidecar_path == f"/ab/cd/{h}.{GEN}.key"
+    assert {(p.kind, p.volume, p.path) for p in problems} == {
+        (Kind.BLOB_WITHOUT_SIDECAR, "v3", f"/ab/cd/{new}"),
+        (Kind.SIDECAR_WITHOUT_BLOB, "v3", f"/ab/cd/{other}.key"),
+    }
+
+
+def test_candidate_paths_are_the_keys_paths() -> None:
+    key = "/ünï/k"
+    h = key_hash(key)
+    for gen in ("", GEN):
+        c = Candidate(h, f"{h[0:2]}/{h[2:4]}", [], gen)
+        assert c.blob_path == keys.blob_path(key, gen)
+        assert c.sidecar_path == keys.sidecar_path(key, gen)
+
+
 @pytest.mark.parametrize("body, kind", [
     (b"{not json", Kind.CORRUPT_SIDECAR),
     (b"\xff\xfe", Kind.CORRUPT_SIDECAR),
@@ -200,6 +284,21 @@ def _drive(r: KeyResolver, bodies: dict[str, bytes | tuple]) -> list[str]:
 
 
 RING = Ring(["a:1", "b:1", "c:1"])
+
+
+def test_resolver_reads_the_generations_sidecar_and_records_its_gen() -> None:
+    key = "/k"
+    h = key_hash(key)
+    good = sidecar_body(key, 5, "m")
+    r = KeyResolver(Candidate(h, f"{h[0:2]}/{h[2:4]}", [
+        (v, 5, "Thu, 01 Jan 1970 00:01:40 GMT", len(good)) for v in ("a:1", "b:1")], GEN))
+    assert r.cand.sidecar_path == keys.sidecar_path(key, GEN)
+    first = r.next_read()
+    other = ({"a:1", "b:1"} - {first}).pop()
+    assert _drive(r, {first: b"{corrupt", other: good}) == [first, other]
+    assert r.record(RING) == Record(key, State.LIVE, (other,), 5, "m", 100.0, GEN)
+    assert [(p.kind, p.volume, p.path) for p in r.problems] == [
+        (Kind.CORRUPT_SIDECAR, first, keys.sidecar_path(key, GEN))]
 
 
 def test_resolver_reads_one_sidecar_when_replicas_agree() -> None:
@@ -265,6 +364,94 @@ def test_resolver_all_sizes_wrong_imports_nothing() -> None:
     _drive(r, {"a:1": sidecar_body(key, 5, "m")})
     assert r.record(RING) is None
     assert [p.kind for p in r.problems] == [Kind.SIZE_MISMATCH]
+
+
+def _rec(key: str, gen: str, volumes: tuple[str, ...] = ("a:1", "b:1"), size: int = 5,
+         state: State = State.LIVE) -> Record:
+    return Record(key, state, volumes, size, f"md5 of {gen or 'legacy'}", 100.0, gen)
+
+
+def test_newest_per_key_keeps_the_newest_generation_and_reports_the_others() -> None:
+    legacy, older, newest = _rec("/k", ""), _rec("/k", "f" * 18, ("c:1",)), _rec("/k", "1" + "0" * 18)
+    alone = _rec("/alone", GEN)
+    for order in ([legacy, older, newest, alone], [newest, alone, older, legacy],
+                  [alone, older, legacy, newest]):
+        kept, superseded = scan.newest_per_key(order)
+        assert sorted(kept, key=lambda r: r.key) == [alone, newest]
+        assert {(p.kind, p.volume, p.path) for p in superseded} == {
+            (Kind.SUPERSEDED, "a:1", keys.blob_path("/k")),
+            (Kind.SUPERSEDED, "b:1", keys.blob_path("/k")),
+            (Kind.SUPERSEDED, "c:1", keys.blob_path("/k", "f" * 18)),
+        }
+        assert len(superseded) == 3  # one per replica of each older generation
+        detail = next(p.detail for p in superseded if p.volume == "c:1")
+        assert "f" * 18 in detail and f"keeps gen {newest.gen}" in detail and "'/k'" in detail
+
+
+def test_newest_per_key_orders_generations_by_gen_order_not_as_strings() -> None:
+    short, long = _rec("/k", "f"), _rec("/k", "10")  # "f" > "10" as strings; 15 < 16
+    kept, superseded = scan.newest_per_key([long, short])
+    assert kept == [long] and {p.path for p in superseded} == {keys.blob_path("/k", "f")}
+
+
+def test_newest_per_key_state_does_not_matter_only_the_generation() -> None:
+    unlinked = _rec("/k", GEN, state=State.UNLINKED)
+    kept, superseded = scan.newest_per_key([unlinked, _rec("/k", "")])
+    assert kept == [unlinked] and [p.kind for p in superseded] == [Kind.SUPERSEDED] * 2
+
+
+def test_newest_per_key_with_one_generation_per_key_changes_nothing() -> None:
+    records = [_rec(f"/k{i}", GEN if i % 2 else "") for i in range(10)]
+    assert scan.newest_per_key(records) == (records, [])
+    assert scan.newest_per_key([]) == ([], [])
+
+
+def test_an_older_generation_is_kept_when_the_newer_one_made_no_record() -> None:
+    """All of the newer write's replicas were bad (reported by its resolver): the older
+    generation, the newest that produced a record, is the key's record."""
+    key = "/k"
+    h = key_hash(key)
+    good = sidecar_body(key, 5, "m")
+
+    def resolver(gen: str) -> KeyResolver:
+        return KeyResolver(Candidate(h, f"{h[0:2]}/{h[2:4]}", [
+            ("a:1", 5, "Thu, 01 Jan 1970 00:01:40 GMT", len(good))], gen))
+
+    new, old = resolver(GEN), resolver("")
+    _drive(new, {"a:1": b"{corrupt"})
+    _drive(old, {"a:1": good})
+    records = [rec for r in (new, old) if (rec := r.record(RING)) is not None]
+    kept, superseded = scan.newest_per_key(records)
+    assert [(r.key, r.gen) for r in kept] == [(key, "")] and superseded == []
+    assert [(p.kind, p.path) for p in new.problems] == [
+        (Kind.CORRUPT_SIDECAR, keys.sidecar_path(key, GEN))]
+
+
+def test_single_copy_is_its_own_kind_apart_from_under_replicated() -> None:
+    records = [_rec("/one", "", ("a:1",)), _rec("/two", "", ("a:1", "b:1")),
+               _rec("/three", "", ("a:1", "b:1", "c:1"))]
+    got = [(p.kind, p.volume, p.path, p.detail) for p in scan.replication_problems(records, 3)]
+    assert got == [(Kind.SINGLE_COPY, "a:1", "/one", "1 of 3"),
+                   (Kind.UNDER_REPLICATED, "a:1,b:1", "/two", "2 of 3")]
+    got = [(p.kind, p.path) for p in scan.replication_problems(records, 2)]
+    assert got == [(Kind.SINGLE_COPY, "/one")]
+    assert scan.replication_problems(records, 1) == []  # one copy is all that was asked for
+    report = scan.Report()
+    report.add(scan.replication_problems(records, 3))
+    text = "\n".join(report.lines())
+    assert "restored from a single copy" in text and "a:1 /one: 1 of 3" in text
+    assert "key has fewer replicas than --replicas: 1" in text
+
+
+def test_single_copy_detail_names_the_unreachable_volumes_of_its_placement() -> None:
+    key = "/one"
+    home = RING.place(key, 3)
+    held, dead = home[0], home[1]
+    [p] = scan.replication_problems([_rec(key, "", (held,))], 3, RING, {dead, "x:9"})
+    assert p.kind is Kind.SINGLE_COPY
+    assert p.detail == f"1 of 3, not read from {dead} (unreachable)"
+    [p] = scan.replication_problems([_rec(key, "", (held,))], 3, RING, {"x:9"})
+    assert p.detail == "1 of 3"
 
 
 def test_report_counts_and_samples() -> None:
@@ -483,6 +670,62 @@ def test_planted_inconsistencies_are_reported_not_imported(
         a for a in ring.order("/one-bad-sidecar") if by_addr[a] is not v3]
 
 
+def test_the_newest_generation_is_restored_and_older_ones_reported_superseded(
+        volumes: list[NginxVolume], tmp_path: Path) -> None:
+    """Two writes of one key side by side on every volume, as a PUT over an old key leaves
+    them until cleanup runs: an old copy named as before generations and a newer one named
+    with its generation, each with blob and sidecar. The index must name the newer write."""
+    addresses = [v.address for v in volumes]
+    ring = Ring(addresses)
+    by_addr = {v.address: v for v in volumes}
+    old_value, new_value = b"the old value", b"the newer, longer value"
+    old_gen, new_gen = "0623c9d3a1b2c3d4e5f", "0623c9d3a1b2c3d4e60"  # 19 digits, by time
+    for v in volumes:
+        plant(v, "/twice", old_value)
+        plant(v, "/twice", new_value, gen=new_gen)
+        plant(v, "/gen-only", b"fresh", gen=old_gen)
+    # the newest write of "/resurrected" made it to one volume only; an older one to two
+    home = ring.place("/resurrected", 3)
+    plant(by_addr[home[0]], "/resurrected", b"newest", gen=new_gen)
+    for a in home[1:]:
+        plant(by_addr[a], "/resurrected", b"older", gen=old_gen)
+
+    db = tmp_path / "schema.db"
+    proc = run_cli(volumes, db)
+    assert proc.returncode == 1, proc.stderr
+    err = proc.stderr
+    h = key_hash("/twice")
+    hr = key_hash("/resurrected")
+    for line in [
+        f"{rebuild.PROG}: 3 keys, 7 replicas",
+        "an older write's copies, left out of the index: 5",
+        *(f"{a} /{h[:2]}/{h[2:4]}/{h}: no gen (written before generations), "
+          f"{len(old_value)} bytes md5 '{md5(old_value)}' (key '/twice'); "
+          f"the index keeps gen {new_gen}" for a in addresses),
+        *(f"{a} /{hr[:2]}/{hr[2:4]}/{hr}.{old_gen}: gen {old_gen}, 5 bytes" for a in home[1:]),
+        f"{Kind.SINGLE_COPY.value}: 1",
+        f"{home[0]} /resurrected: 1 of 3",
+    ]:
+        assert line in err, f"{line!r} not in:\n{err}"
+    for kind in ("blob without sidecar", "sidecar without blob", "unexpected name",
+                 "fewer replicas than", "PARTIAL"):
+        assert kind not in err, err
+
+    conn = apsw.Connection(str(db), flags=apsw.SQLITE_OPEN_READONLY)
+    try:
+        got = {r[0]: tuple(r[1:]) for r in conn.execute(
+            "SELECT key, state, volumes, size, md5, gen FROM keys")}
+    finally:
+        conn.close()
+    assert got == {
+        "/twice": (int(State.LIVE), ",".join(ring.order("/twice")), len(new_value),
+                   md5(new_value), new_gen),
+        "/gen-only": (int(State.LIVE), ",".join(ring.order("/gen-only")), 5, md5(b"fresh"),
+                      old_gen),
+        "/resurrected": (int(State.LIVE), home[0], 6, md5(b"newest"), new_gen),
+    }
+
+
 def test_a_dead_volume_gives_a_partial_index_and_exit_1(
         volumes: list[NginxVolume], tmp_path: Path) -> None:
     addresses = [v.address for v in volumes]
@@ -508,6 +751,9 @@ def test_a_dead_volume_gives_a_partial_index_and_exit_1(
     assert "PARTIAL" in proc.stderr and dead.address in proc.stderr
     assert "volume unreachable" in proc.stderr
     assert "scanned 2/3 volumes" in proc.stderr
+    # the R=2 keys whose other copy is on the dead volume: one copy, and the summary says why
+    assert "restored from a single copy" in proc.stderr
+    assert "(unreachable)" in proc.stderr and f"not read from {dead.address}" in proc.stderr
     got = rows(db)
     assert {k: v[1] for k, v in got.items()} == expected
 

@@ -4,8 +4,9 @@
 
 Walks every volume's fan-out tree through nginx's autoindex JSON ("/", "/ab/", "/ab/cd/"),
 reads each distinct `.key` sidecar once (another replica's only if the first is bad or its
-file length differs), merges the replicas of every key (mkv/tools/scan.py decides; this
-module only does the IO), and writes the index into a temporary file beside the target
+file length differs), merges the replicas of every write, keeps the newest generation of
+each key (an older one's copies are reported as superseded) (mkv/tools/scan.py decides;
+this module only does the IO), and writes the index into a temporary file beside the target
 that is renamed into place at the very end: an interrupted rebuild leaves the old file (or
 no file) untouched, never half an index.
 
@@ -49,7 +50,9 @@ from mkv.tools.scan import (
     Problem,
     Report,
     merge_dir,
+    newest_per_key,
     parse_leaf,
+    replication_problems,
     top_dirs,
 )
 from mkv.volumes.errors import VolumeError, VolumeStatus
@@ -225,15 +228,17 @@ class Scanner:
         resolvers = [KeyResolver(c) for c in candidates]
         self._read_sidecars(resolvers)
         records: list[Record] = []
-        replicas = self.cfg.replicas
         for r in resolvers:
             rec = r.record(self.ring)
             problems += r.problems
             if rec is not None:
                 records.append(rec)
-                if len(rec.volumes) < replicas:
-                    problems.append(Problem(Kind.UNDER_REPLICATED, ",".join(rec.volumes), rec.key,
-                                            f"{len(rec.volumes)} of {replicas}"))
+        # every generation of a key is in its leaf directory, hence in this unit
+        records, superseded = newest_per_key(records)
+        problems += superseded
+        with self.dead_lock:
+            dead = set(self.dead)
+        problems += replication_problems(records, self.cfg.replicas, self.ring, dead)
         return UnitResult(records, problems, len(dirs))
 
     def _read_sidecars(self, resolvers: list[KeyResolver]) -> None:
@@ -385,7 +390,8 @@ def summary(result: Result) -> list[str]:
         f"{s.requests} requests; HTTP {s.scan_s:.1f}s wall, SQLite {s.sqlite_s:.1f}s",
     ]
     if r.total:
-        lines.append(f"{PROG}: problems: {r.total} (left out of the index)")
+        lines.append(f"{PROG}: problems: {r.total} (bad or superseded copies are left out of "
+                     "the index; keys short of replicas are in it)")
         lines += r.lines()
     else:
         lines.append(f"{PROG}: problems: none")
@@ -397,7 +403,7 @@ def summary(result: Result) -> list[str]:
         lines.append(f"{PROG}: no volume could be read: index NOT written, {result.db} left as it was")
         return lines
     lines.append(f"{PROG}: index written to {result.db}" + (
-        " (partial)" if result.partial else "" if not r.total else " (problems left out)"))
+        " (partial)" if result.partial else "" if not r.total else " (with the problems above)"))
     return lines
 
 
