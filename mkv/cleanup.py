@@ -28,7 +28,7 @@ def finish_delete(pool: Pool, writer: WriterClient, record: Record,
     gone, and a WriterError if the writer refuses the outcome (a conflict: a newer write)."""
     assert record.state is State.DELETING
     writer.held(record.key)
-    errors = list(pool.remove_copies(record.key, remove_on).values())
+    errors = list(pool.remove_copies(record.key, remove_on, record.gen).values())
     not_tried = [v for v in record.volumes if v not in remove_on]
     left = core.copies_left(record, not_tried, [e.volume for e in errors])
     if left:

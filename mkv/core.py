@@ -106,7 +106,7 @@ def read_target(key: str, record: Record | None, health: HealthMap, fallback: st
     if not candidates:
         return Unavailable("every replica's volume is down")
     volume = candidates[spread % len(candidates)]
-    return Redirect(f"http://{volume}{blob_path(key)}", volume)
+    return Redirect(f"http://{volume}{blob_path(key, record.gen)}", volume)
 
 
 # --- writes ----------------------------------------------------------------------------
@@ -150,11 +150,11 @@ def unlink_verdict(record: Record | None) -> Verdict:
 
 def replaced_copies(old: Record | None, new: Record) -> list[str]:
     """The copies of an UNLINKED or DELETING record that a PUT replacing it leaves
-    behind: those on volumes the new record does not use (on the others the new value
-    was written over the same path). Their removal becomes a pending operation."""
+    behind: all of them when the generations differ (other files), else those on
+    volumes the new record does not use. Their removal becomes a pending operation."""
     if old is None or old.state is State.LIVE:
         return []
-    return [v for v in old.volumes if v not in new.volumes]
+    return [v for v in old.volumes if old.gen != new.gen or v not in new.volumes]
 
 
 # --- the writer's compare-and-set rules ------------------------------------------------
@@ -202,12 +202,12 @@ def delete_cas(current: Record | None, *, expect: Record | None, checked: bool) 
     return Cas.WRITE
 
 
-def intents_cover(pending: Sequence[Pending], volumes: Sequence[str]) -> bool:
-    """May a client PUT record copies on `volumes`? Only while each is still the write's
-    own intent (not made due, or removed, while a writer restart had orphaned it)."""
-    mine = {p.volume for p in pending if p.op is PendingOp.REMOVE
+def intents_cover(pending: Sequence[Pending], record: Record) -> bool:
+    """May a client PUT record these copies? Only while each is still the write's own
+    intent (not made due, or removed, while a writer restart had orphaned it)."""
+    mine = {p.volume for p in pending if p.op is PendingOp.REMOVE and p.gen == record.gen
             and p.state in (PendingState.INTENT, PendingState.ORPHANED)}
-    return all(v in mine for v in volumes)
+    return all(v in mine for v in record.volumes)
 
 
 # --- pending operations ----------------------------------------------------------------
@@ -229,10 +229,11 @@ class PendingAction(enum.Enum):
 def pending_action(pending: Pending, record: Record | None) -> PendingAction:
     """What a pending operation comes to, under the key's lock, given its record now.
 
-    A copy the record names is the record's (a later write or move put it there, or the
-    delete machinery owns it): never removed from here. A sidecar is marked only while
+    A copy the record names (its volume and generation) is the record's (a move put it
+    there, or the delete machinery owns it): never removed from here. A sidecar is marked only while
     the key is still unlinked with a copy on that volume."""
-    named = record is not None and pending.volume in record.volumes
+    named = (record is not None and pending.volume in record.volumes
+             and pending.gen == record.gen)
     if pending.op is PendingOp.REMOVE:
         return PendingAction.DROP if named else PendingAction.REMOVE
     if named and record is not None and record.state is State.UNLINKED:

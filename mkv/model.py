@@ -60,8 +60,11 @@ class PendingState(enum.IntEnum):
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Pending:
+    """One pending operation: on the copy of write `gen` of `key` on `volume`."""
+
     key: str
     volume: str
     op: PendingOp
     state: PendingState
     since: float
+    gen: str = ""

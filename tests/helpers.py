@@ -48,10 +48,10 @@ def sha(key: str) -> str:
     return hashlib.sha256(key.encode("utf-8")).hexdigest()
 
 
-def blob_rel(key: str) -> str:
-    """The key's blob path on a volume: /<h[0:2]>/<h[2:4]>/<h> of the key's sha256."""
+def blob_rel(key: str, gen: str = "") -> str:
+    """A write's blob path on a volume: /<h[0:2]>/<h[2:4]>/<h>[.<gen>] of the key's sha256."""
     h = sha(key)
-    return f"/{h[0:2]}/{h[2:4]}/{h}"
+    return f"/{h[0:2]}/{h[2:4]}/{h}" + (f".{gen}" if gen else "")
 
 
 def body_for(key: str, size: int = 2000) -> bytes:
@@ -64,13 +64,14 @@ def body_for(key: str, size: int = 2000) -> bytes:
 
 
 def disk_files(volumes: Iterable[NginxVolume], key: str) -> list[Path]:
-    """The key's blob and sidecar files that exist on any of the volumes' disks."""
-    rel = blob_rel(key).lstrip("/")
+    """The key's blob and sidecar files, of any generation (<h>, <h>.<gen>, and each
+    with .key), that exist on any of the volumes' disks."""
+    rel = Path(blob_rel(key).lstrip("/"))
     found = []
     for vol in volumes:
-        for path in (vol.root / rel, vol.root / (rel + ".key")):
-            if path.exists():
-                found.append(path)
+        folder = vol.root / rel.parent
+        if folder.is_dir():
+            found += sorted(p for p in folder.iterdir() if p.name.split(".")[0] == rel.name)
     return found
 
 

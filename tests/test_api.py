@@ -66,6 +66,8 @@ def test_round_trip_redirects_to_a_replica_with_headers_and_files_on_every_volum
 
     r = put(shared_service, key, body)
     assert r.status_code == 201, r.text
+    gen = index_record(shared_service, key).gen  # the write's generation: in its file names
+    assert re.fullmatch("[0-9a-f]{19}", gen), gen
 
     addresses = {v.address for v in shared_volumes}
     r = get(shared_service, key)
@@ -73,7 +75,7 @@ def test_round_trip_redirects_to_a_replica_with_headers_and_files_on_every_volum
     loc = urlsplit(r.headers["Location"])
     assert loc.scheme == "http"
     assert loc.netloc in addresses
-    assert loc.path == f"/{h[0:2]}/{h[2:4]}/{h}"
+    assert loc.path == f"/{h[0:2]}/{h[2:4]}/{h}.{gen}"
     assert r.headers["Content-Md5"] == md5
     key_volumes = r.headers["Key-Volumes"].split(",")
     assert len(key_volumes) == 3 and set(key_volumes) == addresses
@@ -99,8 +101,8 @@ def test_round_trip_redirects_to_a_replica_with_headers_and_files_on_every_volum
 
     # On disk: blob and one-line JSON sidecar on all three roots.
     for vol in shared_volumes:
-        blob = vol.root / h[0:2] / h[2:4] / h
-        sidecar = vol.root / h[0:2] / h[2:4] / (h + ".key")
+        blob = vol.root / h[0:2] / h[2:4] / f"{h}.{gen}"
+        sidecar = vol.root / h[0:2] / h[2:4] / f"{h}.{gen}.key"
         assert blob.read_bytes() == body
         text = sidecar.read_text("utf-8")
         assert text.endswith("\n") and text.count("\n") == 1
@@ -231,9 +233,9 @@ def test_hostile_but_valid_keys_round_trip_exactly(shared_service: MkvService) -
         assert raw_read(shared_service, path) == value, path
         # The same key spelled with every byte but "/" escaped names the same value.
         assert raw_read(shared_service, escape_all(key)) == value, key
-        h = sha(key)
+        h, gen = sha(key), index_record(shared_service, key).gen
         status, headers, _ = raw(shared_service, "GET", path)
-        assert urlsplit(headers["location"]).path == f"/{h[0:2]}/{h[2:4]}/{h}"
+        assert urlsplit(headers["location"]).path == f"/{h[0:2]}/{h[2:4]}/{h}.{gen}"
 
     # %2F decodes to "/" like any other escape, so /h/slash%2Fenc and /h/slash/enc are one
     # key: writing the other spelling finds it live.
@@ -554,7 +556,8 @@ def test_volume_error_during_put_fails_cleanly(status: int, fake_volume: FakeVol
         time.sleep(0.2)
     assert_json_error(r, 502)
     assert r.json()["error"] == "volume_failed"
-    assert fake_volume.puts[before:] == [blob_rel(key)]  # the fake really was a replica
+    (tried,) = fake_volume.puts[before:]  # the fake really was a replica
+    assert tried.startswith(blob_rel(key) + "."), tried
     assert_json_error(get(fsvc, key), 404)
     assert key not in listing(fsvc, "/fail/?list")["keys"]
     assert index_record(fsvc, key) is None

@@ -344,11 +344,21 @@ def test_a_sidecar_is_marked_only_while_the_key_is_unlinked_there():
 
 def test_a_put_records_only_copies_still_its_own():
     own = [pend("a:1", state=PendingState.INTENT), pend("b:2", state=PendingState.ORPHANED)]
-    assert core.intents_cover(own, ["a:1", "b:2"])
-    assert not core.intents_cover(own, ["a:1", "c:3"])
-    assert not core.intents_cover([pend("a:1")], ["a:1"])  # made due: maybe removed already
+    assert core.intents_cover(own, rec(volumes=("a:1", "b:2")))
+    assert not core.intents_cover(own, rec(volumes=("a:1", "c:3")))
+    assert not core.intents_cover([pend("a:1")], rec(volumes=("a:1",)))  # due: maybe removed
     assert not core.intents_cover([pend("a:1", PendingOp.MARK_UNLINKED, PendingState.INTENT)],
-                                  ["a:1"])
+                                  rec(volumes=("a:1",)))
+    other_write = dataclasses.replace(pend("a:1", state=PendingState.INTENT), gen="g2")
+    assert not core.intents_cover([other_write], rec(volumes=("a:1",)))
+
+
+def test_pending_operations_tell_generations_apart():
+    newer = dataclasses.replace(rec(), gen="g2")  # the same volumes, another write's files
+    assert core.pending_action(pend("a:1"), newer) is PendingAction.REMOVE
+    assert core.pending_action(dataclasses.replace(pend("a:1"), gen="g2"), newer) is PendingAction.DROP
+    old = dataclasses.replace(rec(state=State.UNLINKED), gen="g1")
+    assert core.replaced_copies(old, newer) == ["a:1", "b:2", "c:3"]  # every old file goes
 
 
 def test_orphan_grace_outlasts_a_stalled_volume_and_client():

@@ -18,7 +18,6 @@ from urllib.parse import quote
 import requests
 
 from mkv.config import Config
-from mkv.keys import sidecar_path
 from mkv.model import PendingOp
 from tests.cluster import NginxVolume
 from tests.helpers import (
@@ -86,8 +85,8 @@ def test_a_frozen_volume_leaves_no_copy_a_delete_or_a_rebuild_misses(make_volume
 
 
 def sidecars(vols: list[NginxVolume], key: str) -> list[dict]:
-    return [json.loads(p.read_text()) for v in vols
-            if (p := v.root / sidecar_path(key)[1:]).exists()]
+    """The key's sidecars on these volumes' disks, any generation."""
+    return [json.loads(p.read_text()) for p in disk_files(vols, key) if p.name.endswith(".key")]
 
 
 def test_unlink_with_a_volume_down_marks_its_sidecar_when_it_returns(make_volumes, make_service,

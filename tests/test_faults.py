@@ -24,7 +24,6 @@ import requests
 from mkv.config import Config
 from mkv.index import schema
 from mkv.index.reader import Reader
-from mkv.keys import sidecar_path
 from mkv.model import Record, State
 from mkv.ring import Ring
 from mkv.service.server import build_store
@@ -35,6 +34,7 @@ from mkv.writer.server import serve_in_thread
 from tests.helpers import (
     FAST_HEALTH,
     body_for,
+    disk_files,
     fetch,
     on_disk,
     pending_deletes,
@@ -181,7 +181,7 @@ def test_worker_killed_mid_large_put_leaves_no_key_and_no_lock(volumes, make_ser
     assert requests.get(svc.url + "/-/health").json()["writer"]["locks"] == 0
     assert fetch(svc, key).status_code == 404
     assert key not in requests.get(svc.url + "/killed/?list").json()["keys"]
-    assert not any(v.root.joinpath(sidecar_path(key)[1:]).exists() for v in volumes)
+    assert not any(p.name.endswith(".key") for p in disk_files(volumes, key))
     assert put(svc, key, b"second try").status_code == 201
     assert fetch(svc, key).content == b"second try"
 

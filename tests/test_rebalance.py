@@ -21,7 +21,7 @@ import requests
 
 from mkv import config
 from mkv.core import rebalance_plan
-from mkv.keys import blob_path, key_hash, sidecar_path
+from mkv.keys import blob_path, sidecar_path
 from mkv.model import Record, State
 from mkv.ring import Ring
 from mkv.tools.rebalance import Rebalancer, add_arguments
@@ -78,10 +78,20 @@ def load(svc: MkvService, keys: list[str], body=value) -> None:
 def records(db: str) -> dict[str, Record]:
     conn = apsw.Connection(db, flags=apsw.SQLITE_OPEN_READONLY)
     try:
-        rows = conn.execute("SELECT key, state, volumes, size, md5, mtime FROM keys").fetchall()
+        rows = conn.execute("SELECT key, state, volumes, size, md5, mtime, gen FROM keys").fetchall()
     finally:
         conn.close()
-    return {r[0]: Record(r[0], State(r[1]), tuple(r[2].split(",")), r[3], r[4], r[5]) for r in rows}
+    return {r[0]: Record(r[0], State(r[1]), tuple(r[2].split(",")), r[3], r[4], r[5], r[6])
+            for r in rows}
+
+
+def blob_of(db: str, key: str) -> str:
+    """The key's blob path on a volume's disk (relative), with the recorded generation."""
+    return blob_path(key, records(db)[key].gen)[1:]
+
+
+def sidecar_of(db: str, key: str) -> str:
+    return sidecar_path(key, records(db)[key].gen)[1:]
 
 
 def on_disk(vols: list[NginxVolume]) -> set[tuple[str, str]]:
@@ -96,9 +106,9 @@ def on_disk(vols: list[NginxVolume]) -> set[tuple[str, str]]:
 def expected_files(recs: dict[str, Record]) -> set[tuple[str, str]]:
     out = set()
     for rec in recs.values():
+        name = blob_path(rec.key, rec.gen).rsplit("/", 1)[1]  # <h>[.<gen>]
         for vol in rec.volumes:
-            h = key_hash(rec.key)
-            out |= {(vol, h), (vol, h + ".key")}
+            out |= {(vol, name), (vol, name + ".key")}
     return out
 
 
@@ -190,11 +200,11 @@ def test_repairs_lost_replicas_and_reports_lost_keys(volumes, make_service):
     svc.stop()
     victim, sidecar_only, lost = keys[0], keys[1], keys[2]
     v0 = volumes[0]
-    (v0.root / blob_path(victim)[1:]).unlink()
-    (v0.root / sidecar_path(victim)[1:]).unlink()
-    (volumes[1].root / sidecar_path(sidecar_only)[1:]).unlink()
+    (v0.root / blob_of(svc.db, victim)).unlink()
+    (v0.root / sidecar_of(svc.db, victim)).unlink()
+    (volumes[1].root / sidecar_of(svc.db, sidecar_only)).unlink()
     for v in volumes:
-        (v.root / blob_path(lost)[1:]).unlink()
+        (v.root / blob_of(svc.db, lost)).unlink()
     before = records(svc.db)[lost]
 
     r = rebalance(svc, volumes)
@@ -202,8 +212,8 @@ def test_repairs_lost_replicas_and_reports_lost_keys(volumes, make_service):
     assert repr(lost) in r.stderr and "no good copy" in r.stderr
     s = summary(r.stderr)
     assert s["copies"] == 1 and s["sidecars"] == 2
-    assert (v0.root / blob_path(victim)[1:]).read_bytes() == value(victim)
-    assert (volumes[1].root / sidecar_path(sidecar_only)[1:]).exists()
+    assert (v0.root / blob_of(svc.db, victim)).read_bytes() == value(victim)
+    assert (volumes[1].root / sidecar_of(svc.db, sidecar_only)).exists()
     assert records(svc.db)[lost] == before  # reported, not touched
 
 
@@ -324,10 +334,11 @@ def test_pending_deletes_are_finished(volumes, make_service):
     svc.stop()
     volumes[2].restart()
     assert records(svc.db)[KEYS[0]].state is State.DELETING
+    doomed = blob_of(svc.db, KEYS[0])
     r = rebalance(svc, volumes)
     assert r.returncode == 0, r.stderr
     assert KEYS[0] not in records(svc.db)
-    assert not (volumes[2].root / blob_path(KEYS[0])[1:]).exists()
+    assert not (volumes[2].root / doomed).exists()
 
 
 def test_usage_errors_exit_2(tmp_path):
@@ -427,7 +438,7 @@ def test_a_source_torn_mid_copy_gives_way_to_the_next(make_volumes, make_service
         for k in keys:
             assert recs[k].volumes == tuple(ring.place(k, 2))
             for vol in recs[k].volumes:
-                assert (root[vol] / blob_path(k)[1:]).read_bytes() == big(k)
+                assert (root[vol] / blob_of(svc.db, k)).read_bytes() == big(k)
         assert_clean(svc.db, [torn, vols[1], vols[2]], [torn, vols[1], vols[2]], 2)
     finally:
         torn.close()
@@ -467,13 +478,13 @@ def test_a_copy_whose_sidecar_cannot_be_written_is_removed(make_volumes, make_se
     moving = [k for k in keys if Ring([a.address, b.address]).place(k, 1) == [b.address]]
     assert moving
     for k in moving:  # a directory where the sidecar goes: nginx refuses that PUT
-        (b.root / sidecar_path(k)[1:]).mkdir(parents=True)
+        (b.root / sidecar_of(svc.db, k)).mkdir(parents=True)
     r = rebalance(svc, [a, b], replicas=1)
     assert r.returncode == 1
     assert all(repr(k) in r.stderr and "sidecar" in r.stderr for k in moving)
     assert records(svc.db) == before
     for k in moving:  # the blob that did arrive is gone again: nothing names it
-        assert not (b.root / blob_path(k)[1:]).exists()
+        assert not (b.root / blob_of(svc.db, k)).exists()
 
 
 def test_service_writer_killed_mid_rebalance_loses_nothing(four, make_service):
@@ -512,17 +523,18 @@ def test_no_copy_is_deleted_once_the_key_lock_died_with_its_writer(volumes, make
                          prog="t", description="t", extend=add_arguments)
     server, thread = serve_in_thread(cfg.db, cfg.writer_socket)
     rb = Rebalancer(cfg, concurrency=1, limit_rate=0, verify=False)
-    rb.writer.lock("/held")
+    held = rb.writer.lock("/held")
+    blob = volumes[0].root / blob_path("/held", held.gen)[1:]
     server.stop()  # the writer dies, and the lock with it; another one takes its place
     thread.join(10)
     server, thread = serve_in_thread(cfg.db, cfg.writer_socket)
     try:
         with pytest.raises(LockLost):
-            rb._drop("/held", (volumes[0].address,))
-        assert (volumes[0].root / blob_path("/held")[1:]).exists()
+            rb._drop(held, (volumes[0].address,))
+        assert blob.exists()
         rb.writer.lock("/held")  # held again, on a new connection: now it may delete
-        assert rb._drop("/held", (volumes[0].address,)) == []
-        assert not (volumes[0].root / blob_path("/held")[1:]).exists()
+        assert rb._drop(held, (volumes[0].address,)) == []
+        assert not blob.exists()
     finally:
         server.stop()
         thread.join(10)
@@ -535,7 +547,7 @@ def test_verify_replaces_a_corrupt_copy_of_the_right_size(volumes, make_service)
     svc.stop()
 
     def corrupt(vol: NginxVolume, key: str) -> None:
-        blob = vol.root / blob_path(key)[1:]
+        blob = vol.root / blob_of(svc.db, key)
         data = bytearray(blob.read_bytes())
         data[0] ^= 0xFF  # same size, other bytes: only an md5 tells
         blob.write_bytes(bytes(data))
@@ -545,12 +557,12 @@ def test_verify_replaces_a_corrupt_copy_of_the_right_size(volumes, make_service)
         corrupt(vol, every)
     before = records(svc.db)
     assert rebalance(svc, volumes).returncode == 0  # sizes alone look fine: nothing done
-    assert (volumes[0].root / blob_path(one)[1:]).read_bytes() != value(one)
+    assert (volumes[0].root / blob_of(svc.db, one)).read_bytes() != value(one)
 
     r = rebalance(svc, volumes, "--verify")
     assert r.returncode == 1
     assert repr(every) in r.stderr and "no good copy" in r.stderr  # reported, left alone
     assert repr(one) not in r.stderr
     for vol in volumes:
-        assert (vol.root / blob_path(one)[1:]).read_bytes() == value(one)
+        assert (vol.root / blob_of(svc.db, one)).read_bytes() == value(one)
     assert records(svc.db) == before

@@ -12,7 +12,7 @@ import pytest
 
 from mkv.index import schema
 from mkv.index.reader import Reader
-from mkv.model import PendingOp, PendingState, Record, State
+from mkv.model import Pending, PendingOp, PendingState, Record, State
 from mkv.writer.client import WriterClient, wait_ready
 from mkv.writer.protocol import KeyLocked, WriterError
 from mkv.writer.server import serve_in_thread
@@ -244,6 +244,10 @@ def test_stale_socket_of_a_killed_writer_is_replaced(tmp_path):
 # --- intents and pending operations ---------------------------------------------------------
 
 
+def gen(record, g):
+    return dataclasses.replace(record, gen=g)
+
+
 def pending_of(db, key):
     return {(p.volume, p.op, p.state) for p in reader_of(db).pending(key)}
 
@@ -254,10 +258,10 @@ R, INT, D, ORPH = PendingOp.REMOVE, PendingState.INTENT, PendingState.DUE, Pendi
 def test_a_put_keeps_the_copies_it_names_and_queues_the_others(writer):
     db, sock, _ = writer
     c = WriterClient(sock)
-    assert c.lock("/k", intend=["a:1", "b:2", "c:3"]) is None
+    assert c.lock("/k", intend=["a:1", "b:2", "c:3"], gen="g1") is None
     assert pending_of(db, "/k") == {("a:1", R, INT), ("b:2", R, INT), ("c:3", R, INT)}
-    c.intend("/k", ["d:4"])  # a replica re-placed after b:2 failed
-    c.put(rec("/k", ("a:1", "c:3", "d:4")), new=True, intent=True)
+    c.intend("/k", "g1", ["d:4"])  # a replica re-placed after b:2 failed
+    c.put(gen(rec("/k", ("a:1", "c:3", "d:4")), "g1"), new=True, intent=True)
     assert pending_of(db, "/k") == {("b:2", R, D)}
     assert [p.key for p in reader_of(db).due_pending(0.0, ["b:2"])] == ["/k"]
     assert reader_of(db).due_pending(0.0, ["a:1", "e:5"]) == []  # only rows on those volumes
@@ -266,11 +270,11 @@ def test_a_put_keeps_the_copies_it_names_and_queues_the_others(writer):
 def test_a_write_that_ends_without_a_record_queues_every_copy(writer):
     db, sock, _ = writer
     c = WriterClient(sock)
-    c.lock("/gave-up", intend=["a:1", "b:2"])
+    c.lock("/gave-up", intend=["a:1", "b:2"], gen="g1")
     c.unlock("/gave-up")
     assert pending_of(db, "/gave-up") == {("a:1", R, D), ("b:2", R, D)}
     dying = WriterClient(sock)
-    dying.lock("/died", intend=["a:1"])
+    dying.lock("/died", intend=["a:1"], gen="g1")
     dying.close()  # the worker is gone: the kernel closes its socket
     deadline = time.monotonic() + 5
     while pending_of(db, "/died") != {("a:1", R, D)} and time.monotonic() < deadline:
@@ -283,7 +287,7 @@ def test_a_live_key_gets_no_intent(writer):
     c = WriterClient(sock)
     c.lock("/live")
     c.put(rec("/live"))
-    assert c.lock("/live", intend=["a:1"]) is not None
+    assert c.lock("/live", intend=["a:1"], gen="g2") is not None
     c.unlock("/live")
     assert pending_of(db, "/live") == set()
 
@@ -292,20 +296,20 @@ def test_intents_survive_a_writer_restart_orphaned_and_a_made_due_one_refuses_th
     db, sock = str(tmp_path / "i.db"), str(tmp_path / "w.sock")
     server, thread = serve_in_thread(db, sock)
     c, d = WriterClient(sock, retry_for=5), WriterClient(sock, retry_for=5)  # two workers
-    c.lock("/slow", intend=["a:1"])
-    d.lock("/late", intend=["a:1"])
+    c.lock("/slow", intend=["a:1"], gen="g1")
+    d.lock("/late", intend=["a:1"], gen="g1")
     server.stop()
     thread.join(5)  # the writer dies with both uploads still going on
     server, thread = serve_in_thread(db, sock)
     try:
         assert pending_of(db, "/slow") == {("a:1", R, ORPH)}
-        c.put(rec("/slow"), new=True, intent=True, retry=True)  # still its own: recorded
+        c.put(gen(rec("/slow"), "g1"), new=True, intent=True, retry=True)  # still its own: recorded
         assert reader_of(db).get("/slow") is not None and pending_of(db, "/slow") == set()
         h = WriterClient(sock)  # the health process made /late's copy due meanwhile
         h.lock("/late")
-        h.pending_done("/late", "a:1", R)
+        h.pending_done(Pending("/late", "a:1", R, D, 0.0, "g1"))
         with pytest.raises(WriterError) as err:
-            d.put(rec("/late"), new=True, intent=True, retry=True)
+            d.put(gen(rec("/late"), "g1"), new=True, intent=True, retry=True)
         assert err.value.code == "conflict" and reader_of(db).get("/late") is None
     finally:
         server.stop()
@@ -325,12 +329,15 @@ def test_unlink_marks_queue_per_volume(writer):
 def test_an_index_of_the_previous_schema_is_upgraded_in_place(tmp_path):
     db = str(tmp_path / "old.db")
     conn = schema.connect(db, create=True)
-    conn.execute(schema.SCHEMA.split("CREATE TABLE IF NOT EXISTS pending")[0])
-    conn.execute("INSERT INTO meta VALUES('schema_version', '1')")
-    schema.write_record(conn, rec("/old"))
+    conn.execute("""
+        CREATE TABLE keys(key TEXT PRIMARY KEY, state INT NOT NULL, volumes TEXT NOT NULL,
+                          size INT NOT NULL, md5 TEXT NOT NULL, mtime REAL NOT NULL) WITHOUT ROWID;
+        CREATE TABLE meta(name TEXT PRIMARY KEY, value TEXT);
+        INSERT INTO meta VALUES('schema_version', '1');
+        INSERT INTO keys VALUES('/old', 1, 'a:1', 1, 'm', 1.0);""")
     conn.close()
     upgraded = schema.open_index(db)
-    assert schema.read_record(upgraded, "/old") == rec("/old")
+    assert schema.read_record(upgraded, "/old") == rec("/old")  # gen "": the legacy file names
     assert schema.read_pending(upgraded, "/old") == []
     assert upgraded.execute("SELECT value FROM meta WHERE name='schema_version'").fetchone()[0] == "2"
 
@@ -340,7 +347,8 @@ def test_a_put_over_an_unlinked_or_deleting_record_queues_its_other_copies(write
     db, sock, _ = writer
     c = WriterClient(sock)
     c.lock("/re")
-    c.put(dataclasses.replace(rec("/re", ("a:1", "b:2")), state=state))
-    assert c.lock("/re", intend=["b:2", "c:3"]).state is state
-    c.put(rec("/re", ("b:2", "c:3")), new=True, intent=True)
-    assert pending_of(db, "/re") == {("a:1", R, D)}
+    c.put(dataclasses.replace(rec("/re", ("a:1", "b:2")), state=state, gen="g1"))
+    assert c.lock("/re", intend=["b:2", "c:3"], gen="g2").state is state
+    c.put(gen(rec("/re", ("b:2", "c:3")), "g2"), new=True, intent=True)
+    # the old write's files on every volume: another generation, other file names
+    assert pending_of(db, "/re") == {("a:1", R, D), ("b:2", R, D)}

@@ -176,17 +176,18 @@ class HealthChecker:
                 if action is not PendingAction.DROP:
                     self.writer.held(item.key)
                 if action is PendingAction.REMOVE:
-                    error = self.pool.remove_copies(item.key, [item.volume]).get(item.volume)
+                    error = self.pool.remove_copies(item.key, [item.volume], item.gen).get(item.volume)
                 elif action is PendingAction.MARK:
                     assert current is not None
                     body = sidecar_body(item.key, current.size, current.md5, unlinked=True)
                     error = self.pool.exchange(
-                        {item.volume: [Request("PUT", sidecar_path(item.key), body)]}).get(item.volume)
+                        {item.volume: [Request("PUT", sidecar_path(item.key, item.gen), body)]}
+                    ).get(item.volume)
                 if error is not None:
                     log.warning("pending %s of %r on %s: %s", item.op.name, item.key, item.volume, error)
                     self.writer.release(item.key)
                     continue
-                self.writer.pending_done(item.key, item.volume, item.op)
+                self.writer.pending_done(item)
                 done += 1
             except WriterError:
                 self.writer.close()  # drops the lock too

@@ -16,7 +16,8 @@ import apsw
 from mkv.model import HealthRow, Pending, PendingOp, PendingState, Record, State
 
 SCHEMA_VERSION = 2
-#: Versions this mkv opens and upgrades in place (2 added the pending table).
+#: Versions this mkv opens and upgrades in place (2 added the pending table and the
+#: generation column).
 UPGRADES_FROM = {1}
 
 
@@ -27,7 +28,8 @@ CREATE TABLE IF NOT EXISTS keys(
     volumes TEXT NOT NULL,
     size INT NOT NULL,
     md5 TEXT NOT NULL,
-    mtime REAL NOT NULL
+    mtime REAL NOT NULL,
+    gen TEXT NOT NULL DEFAULT ''
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS keys_pending ON keys(state) WHERE state >= 3;
 CREATE TABLE IF NOT EXISTS volume_health(
@@ -41,11 +43,12 @@ CREATE TABLE IF NOT EXISTS volume_health(
 CREATE TABLE IF NOT EXISTS meta(name TEXT PRIMARY KEY, value TEXT);
 CREATE TABLE IF NOT EXISTS pending(
     key TEXT NOT NULL,
+    gen TEXT NOT NULL,
     volume TEXT NOT NULL,
     op INT NOT NULL,
     state INT NOT NULL,
     since REAL NOT NULL,
-    PRIMARY KEY(key, volume, op)
+    PRIMARY KEY(key, gen, volume, op)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS pending_due ON pending(state, since);
 """
@@ -80,6 +83,8 @@ def init_schema(conn: apsw.Connection) -> None:
         if row is not None and int(row[0]) != SCHEMA_VERSION and int(row[0]) not in UPGRADES_FROM:
             raise SchemaError(f"index schema version {row[0]}, this mkv needs {SCHEMA_VERSION}")
         # an older version's file has just got the tables it lacked (CREATE IF NOT EXISTS)
+        if row is not None and int(row[0]) == 1:
+            conn.execute("ALTER TABLE keys ADD COLUMN gen TEXT NOT NULL DEFAULT ''")
         conn.execute("INSERT OR REPLACE INTO meta VALUES('schema_version', ?)", (str(SCHEMA_VERSION),))
 
 
@@ -91,30 +96,30 @@ def open_index(path: str, *, synchronous: str = "NORMAL") -> apsw.Connection:
 
 
 def row_to_record(row: tuple) -> Record:
-    key, state, volumes, size, md5, mtime = row
-    return Record(key, State(state), tuple(volumes.split(",")) if volumes else (), size, md5, mtime)
+    key, state, volumes, size, md5, mtime, gen = row
+    return Record(key, State(state), tuple(volumes.split(",")) if volumes else (), size, md5,
+                  mtime, gen)
 
 
-COLUMNS = "key, state, volumes, size, md5, mtime"
+COLUMNS = "key, state, volumes, size, md5, mtime, gen"
+
+
+_UPSERT = (f"INSERT INTO keys({COLUMNS}) VALUES(?,?,?,?,?,?,?) ON CONFLICT(key) DO UPDATE SET "
+           "state=excluded.state, volumes=excluded.volumes, size=excluded.size, "
+           "md5=excluded.md5, mtime=excluded.mtime, gen=excluded.gen")
+
+
+def _row(rec: Record) -> tuple:
+    return (rec.key, int(rec.state), ",".join(rec.volumes), rec.size, rec.md5, rec.mtime, rec.gen)
 
 
 def write_record(conn: apsw.Connection, rec: Record) -> None:
-    conn.execute(
-        f"INSERT INTO keys({COLUMNS}) VALUES(?,?,?,?,?,?) ON CONFLICT(key) DO UPDATE SET "
-        "state=excluded.state, volumes=excluded.volumes, size=excluded.size, "
-        "md5=excluded.md5, mtime=excluded.mtime",
-        (rec.key, int(rec.state), ",".join(rec.volumes), rec.size, rec.md5, rec.mtime),
-    )
+    conn.execute(_UPSERT, _row(rec))
 
 
 def write_records(conn: apsw.Connection, recs: Iterable[Record]) -> None:
     """Bulk insert for the tools: one prepared statement, many rows."""
-    conn.executemany(
-        f"INSERT INTO keys({COLUMNS}) VALUES(?,?,?,?,?,?) ON CONFLICT(key) DO UPDATE SET "
-        "state=excluded.state, volumes=excluded.volumes, size=excluded.size, "
-        "md5=excluded.md5, mtime=excluded.mtime",
-        ((r.key, int(r.state), ",".join(r.volumes), r.size, r.md5, r.mtime) for r in recs),
-    )
+    conn.executemany(_UPSERT, (_row(r) for r in recs))
 
 
 def read_record(conn: apsw.Connection, key: str) -> Record | None:
@@ -143,12 +148,12 @@ def write_health(conn: apsw.Connection, rows: Iterable[HealthRow]) -> None:
 # --- pending operations (docs/design.md, "Pending operations") --------------------------
 
 
-PENDING_COLUMNS = "key, volume, op, state, since"
+PENDING_COLUMNS = "key, volume, op, state, since, gen"
 
 
 def row_to_pending(row: tuple) -> Pending:
-    key, volume, op, state, since = row
-    return Pending(key, volume, PendingOp(op), PendingState(state), since)
+    key, volume, op, state, since, gen = row
+    return Pending(key, volume, PendingOp(op), PendingState(state), since, gen)
 
 
 def read_pending(conn: apsw.Connection, key: str) -> list[Pending]:
@@ -159,19 +164,20 @@ def read_pending(conn: apsw.Connection, key: str) -> list[Pending]:
 def write_pending(conn: apsw.Connection, rows: Iterable[Pending]) -> None:
     """Insert or replace: a new intent or due operation takes over an older row."""
     conn.executemany(
-        f"INSERT OR REPLACE INTO pending({PENDING_COLUMNS}) VALUES(?,?,?,?,?)",
-        ((p.key, p.volume, int(p.op), int(p.state), p.since) for p in rows))
+        f"INSERT OR REPLACE INTO pending({PENDING_COLUMNS}) VALUES(?,?,?,?,?,?)",
+        ((p.key, p.volume, int(p.op), int(p.state), p.since, p.gen) for p in rows))
 
 
-def delete_pending(conn: apsw.Connection, key: str, volumes: Iterable[str], op: PendingOp) -> None:
-    conn.executemany("DELETE FROM pending WHERE key=? AND volume=? AND op=?",
-                     ((key, v, int(op)) for v in volumes))
+def delete_pending(conn: apsw.Connection, key: str, gen: str, volumes: Iterable[str],
+                   op: PendingOp) -> None:
+    conn.executemany("DELETE FROM pending WHERE key=? AND gen=? AND volume=? AND op=?",
+                     ((key, gen, v, int(op)) for v in volumes))
 
 
-def activate_intents(conn: apsw.Connection, key: str, since: float) -> None:
-    """The key's write ended without naming these copies: their removal is due."""
-    conn.execute("UPDATE pending SET state=?, since=? WHERE key=? AND state IN (?, ?)",
-                 (int(PendingState.DUE), since, key, int(PendingState.INTENT),
+def activate_intents(conn: apsw.Connection, key: str, gen: str, since: float) -> None:
+    """The write `gen` of `key` ended without naming these copies: their removal is due."""
+    conn.execute("UPDATE pending SET state=?, since=? WHERE key=? AND gen=? AND state IN (?, ?)",
+                 (int(PendingState.DUE), since, key, gen, int(PendingState.INTENT),
                   int(PendingState.ORPHANED)))
 
 

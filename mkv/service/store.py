@@ -10,6 +10,7 @@ import functools
 import hashlib
 import itertools
 import logging
+import os
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -21,7 +22,7 @@ from mkv.config import Config
 from mkv.core import Health, Verdict
 from mkv.health.reporter import FailureReporter
 from mkv.index.reader import Reader
-from mkv.keys import blob_path, sidecar_body, sidecar_path
+from mkv.keys import blob_path, new_gen, sidecar_body, sidecar_path
 from mkv.model import Record, State
 from mkv.service import metrics
 from mkv.volumes.errors import UploadAborted, VolumeError
@@ -156,9 +157,9 @@ class Store:
 
     # --- writes ---
 
-    def _lock(self, key: str, intend: list[str] | None = None) -> Record | None:
+    def _lock(self, key: str, intend: list[str] | None = None, gen: str = "") -> Record | None:
         try:
-            return self.writer.lock(key, retry=True, intend=intend or ())
+            return self.writer.lock(key, retry=True, intend=intend or (), gen=gen)
         except KeyLocked:
             raise InFlight(key) from None
 
@@ -177,17 +178,19 @@ class Store:
             volumes: list[str] | None = self._place(key)
         except Unavailable as exc:
             volumes, unavailable = None, exc
-        current = self._lock(key, intend=volumes)
+        # a name of its own for every write: two writes of a key never share a file
+        gen = new_gen(time.time_ns(), os.urandom(3))
+        current = self._lock(key, intend=volumes, gen=gen)
         try:
             if core.put_verdict(current) is Verdict.EXISTS:
                 raise KeyExists(key)
             if volumes is None:
                 raise unavailable
             if length <= CHUNK:
-                volumes, md5 = self._upload_small(key, volumes, length, read, expect_md5)
+                volumes, md5 = self._upload_small(key, gen, volumes, length, read, expect_md5)
             else:
-                md5 = self._upload(key, volumes, length, read, expect_md5)
-            record = Record(key, State.LIVE, tuple(volumes), length, md5, time.time())
+                md5 = self._upload(key, gen, volumes, length, read, expect_md5)
+            record = Record(key, State.LIVE, tuple(volumes), length, md5, time.time(), gen)
             try:
                 # the writer queues the copies the record does not name for removal,
                 # and those of a delete this PUT replaces
@@ -198,6 +201,12 @@ class Store:
                 if exc.code == "conflict":  # written by another PUT while the writer restarted
                     raise InFlight(key) from None
                 raise
+            # the copies of the unlinked or deleted value this one replaces: removed now,
+            # as a courtesy (other file names: no other write can use them); the writer
+            # has queued them, so the health process makes sure of it
+            replaced = core.replaced_copies(current, record)
+            if replaced:
+                self._remove(key, current.gen, replaced)
             return record
         except BaseException:
             self.writer.release(key)
@@ -216,7 +225,7 @@ class Store:
             got += len(chunk)
         return b"".join(parts)
 
-    def _upload_small(self, key: str, volumes: list[str], length: int,
+    def _upload_small(self, key: str, gen: str, volumes: list[str], length: int,
                       read: Callable[[int], bytes], expect_md5: str | None) -> tuple[list[str], str]:
         """A body that fits in one chunk is held, so a replica that fails can be
         replaced by the next healthy volume clockwise instead of failing the PUT."""
@@ -226,7 +235,8 @@ class Store:
             raise BadDigest(f"Content-MD5 {expect_md5} does not match the body's {md5}")
         sidecar = sidecar_body(key, length, md5)
 
-        both = [Request("PUT", blob_path(key), body), Request("PUT", sidecar_path(key), sidecar)]
+        both = [Request("PUT", blob_path(key, gen), body),
+                Request("PUT", sidecar_path(key, gen), sidecar)]
         done: list[str] = []
         failed: list[VolumeError] = []
         intended = set(volumes)  # recorded with the lock
@@ -240,7 +250,7 @@ class Store:
             if not errors:
                 stray = [v for v in done if v not in volumes]  # placement moved meanwhile
                 if stray:
-                    self._remove(key, stray)
+                    self._remove(key, gen, stray)
                 return volumes, md5
             try:
                 volumes = self._place(key)  # the failed ones now count as down
@@ -248,15 +258,15 @@ class Store:
                 break
             new = [v for v in volumes if v not in intended]
             if new:
-                self.writer.intend(key, new, retry=True)  # before any byte goes there
+                self.writer.intend(key, gen, new, retry=True)  # before any byte goes there
                 intended.update(new)
-        self._remove(key, sorted(set(done) | {e.volume for e in failed}))
+        self._remove(key, gen, sorted(set(done) | {e.volume for e in failed}))
         raise VolumeFailed("; ".join(str(e) for e in failed))
 
-    def _upload(self, key: str, volumes: list[str], length: int, read: Callable[[int], bytes],
+    def _upload(self, key: str, gen: str, volumes: list[str], length: int, read: Callable[[int], bytes],
                 expect_md5: str | None) -> str:
         digest = hashlib.md5(usedforsecurity=False) if (self.cfg.md5 or expect_md5) else None
-        path = blob_path(key)
+        path = blob_path(key, gen)
         fan = FanOut(self.pool, self.executor, volumes, path, length)
         got = 0
         try:
@@ -275,22 +285,22 @@ class Store:
                     break
         except BaseException:
             fan.abort()
-            self._remove(key, volumes)
+            self._remove(key, gen, volumes)
             raise
         md5 = digest.hexdigest() if digest is not None else ""
         results = fan.finish()
         self._blame(results)
         if core.put_outcome(results) is not core.PutOutcome.STORED or got != length:
-            self._remove(key, volumes)
+            self._remove(key, gen, volumes)
             errors = [r for r in results if r is not None and not isinstance(r, UploadAborted)]
             raise VolumeFailed("; ".join(str(e) for e in errors) or "upload failed")
         if expect_md5 is not None and expect_md5 != md5:
-            self._remove(key, volumes)
+            self._remove(key, gen, volumes)
             raise BadDigest(f"Content-MD5 {expect_md5} does not match the body's {md5}")
-        errors = self._small({v: [Request("PUT", sidecar_path(key), sidecar_body(key, length, md5))]
+        errors = self._small({v: [Request("PUT", sidecar_path(key, gen), sidecar_body(key, length, md5))]
                               for v in volumes})
         if errors:
-            self._remove(key, volumes)
+            self._remove(key, gen, volumes)
             raise VolumeFailed("; ".join(str(e) for e in errors))
         return md5
 
@@ -302,9 +312,10 @@ class Store:
         self._blame(errors)
         return errors
 
-    def _remove(self, key: str, volumes: list[str] | tuple[str, ...]) -> list[VolumeError]:
-        """Remove the key's copies on these volumes (Pool.remove_copies)."""
-        errors = list(self.pool.remove_copies(key, volumes).values())
+    def _remove(self, key: str, gen: str, volumes: list[str] | tuple[str, ...]) -> list[VolumeError]:
+        """Remove write `gen`'s copies of the key on these volumes (Pool.remove_copies):
+        at once, as a courtesy; the write's intents make sure of it (pending operations)."""
+        errors = list(self.pool.remove_copies(key, volumes, gen).values())
         self._blame(errors)
         for err in errors:
             log.warning("could not remove %r from %s: %s", key, err.volume, err.detail)
@@ -360,7 +371,8 @@ class Store:
             # process once its volume answers: a pending operation, in the same commit
             body = sidecar_body(key, current.size, current.md5, unlinked=True)
             now, later = core.reachable_split(current, self.health())
-            errors = self._small({v: [Request("PUT", sidecar_path(key), body)] for v in now})
+            path = sidecar_path(key, current.gen)
+            errors = self._small({v: [Request("PUT", path, body)] for v in now})
             failed = {e.volume for e in errors}
             self._expecting(key, self.writer.set_state, key, State.UNLINKED, retry=True,
                             expect=current, mark=[v for v in current.volumes

@@ -120,7 +120,8 @@ class Rebalancer:
         """Which recorded copies are good (right size, right md5 with --verify), and
         which of those have their sidecar. One pipelined round trip (HEAD blob, HEAD
         sidecar) per volume, all volumes at once: this runs for every key."""
-        heads = [Request("HEAD", blob_path(rec.key)), Request("HEAD", sidecar_path(rec.key))]
+        heads = [Request("HEAD", blob_path(rec.key, rec.gen)),
+                 Request("HEAD", sidecar_path(rec.key, rec.gen))]
         answers = self.pool.ask({vol: heads for vol in rec.volumes}, ok=(200, 404))
         good: set[str] = set()
         sidecar: set[str] = set()
@@ -133,17 +134,17 @@ class Rebalancer:
                 if side.status == 200:
                     sidecar.add(vol)
         if self.verify and rec.md5 and good:
-            md5s = dict(zip(good, self.executor.map(lambda v: self._md5_of(v, rec.key), good),
+            md5s = dict(zip(good, self.executor.map(lambda v: self._md5_of(v, rec), good),
                             strict=True))
             good = {v for v, md5 in md5s.items() if md5 == rec.md5}
             sidecar &= good
         return good, sidecar
 
-    def _md5_of(self, vol: str, key: str) -> str | None:
+    def _md5_of(self, vol: str, rec: Record) -> str | None:
         """The copy's md5, or None when it cannot be read."""
         digest = hashlib.md5(usedforsecurity=False)
         try:
-            with self.pool.download(vol, blob_path(key)) as blob:
+            with self.pool.download(vol, blob_path(rec.key, rec.gen)) as blob:
                 for chunk in blob.chunks(CHUNK):
                     digest.update(chunk)
         except VolumeError:
@@ -175,10 +176,10 @@ class Rebalancer:
         volume) streams straight through, its sidecar pipelined behind the blob (unless
         the bytes are still to be checked); several go through FanOut so the slowest
         bounds memory."""
-        path = blob_path(rec.key)
+        path = blob_path(rec.key, rec.gen)
         with self.pool.download(src, path) as blob:  # a body left unread drops the connection
             if len(targets) == 1:
-                then = [] if digest is not None else [Request("PUT", sidecar_path(rec.key),
+                then = [] if digest is not None else [Request("PUT", sidecar_path(rec.key, rec.gen),
                                                               self._sidecar(rec))]
                 try:
                     self.pool.put_stream(targets[0], path, self._chunks(blob, rec, digest),
@@ -235,26 +236,26 @@ class Rebalancer:
     def _discard(self, rec: Record, targets: tuple[str, ...]) -> None:
         """Remove what a failed copy left on volumes the record does not name."""
         with contextlib.suppress(LockLost):
-            self._drop(rec.key, tuple(v for v in targets if v not in rec.volumes))
+            self._drop(rec, tuple(v for v in targets if v not in rec.volumes))
 
     @staticmethod
     def _sidecar(rec: Record) -> bytes:
         return sidecar_body(rec.key, rec.size, rec.md5, unlinked=rec.state is State.UNLINKED)
 
     def _sidecars(self, rec: Record, targets: tuple[str, ...]) -> None:
-        put = [Request("PUT", sidecar_path(rec.key), self._sidecar(rec))]
+        put = [Request("PUT", sidecar_path(rec.key, rec.gen), self._sidecar(rec))]
         errors = self.pool.exchange({vol: put for vol in targets})
         if errors:
             raise KeyProblem("sidecar write failed: " + "; ".join(map(str, errors.values())))
         self.count(sidecars=len(targets))
 
-    def _drop(self, key: str, volumes: tuple[str, ...]) -> list[str]:
+    def _drop(self, rec: Record, volumes: tuple[str, ...]) -> list[str]:
         """Delete copies (Pool.remove_copies); the volumes where it failed. Only while
         the key's lock is still held (WriterClient.held raises LockLost, nothing removed)."""
         if not volumes:
             return []
-        self.writer.held(key)
-        errors = self.pool.remove_copies(key, volumes)
+        self.writer.held(rec.key)
+        errors = self.pool.remove_copies(rec.key, volumes, rec.gen)
         self.count(deletions=len(volumes) - len(errors))
         return [vol for vol in volumes if vol in errors]
 
@@ -285,7 +286,7 @@ class Rebalancer:
             self.writer.put(dataclasses.replace(rec, volumes=interim), expect=rec, keep_lock=True,
                             retry=True)
         if move.drop:
-            failed = self._drop(rec.key, move.drop)
+            failed = self._drop(rec, move.drop)
             if failed:
                 self.writer.release(rec.key)
                 raise KeyProblem(f"could not delete the old copies on {', '.join(failed)}")

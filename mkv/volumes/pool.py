@@ -187,12 +187,12 @@ class Pool:
             replies += out
         return replies
 
-    def remove_copies(self, key: str, volumes: Iterable[str]) -> dict[str, VolumeError]:
-        """Delete the key's copy on each volume, sidecar then blob (pipelined: nginx runs
+    def remove_copies(self, key: str, volumes: Iterable[str], gen: str = "") -> dict[str, VolumeError]:
+        """Delete the copy of write `gen` of the key on each volume, sidecar then blob (pipelined: nginx runs
         them in order), all volumes at once; already gone counts as done. A copy half
         removed is a lone blob or a lone sidecar, neither of which a rebuild takes.
         The errors, by volume."""
-        both = [Request("DELETE", sidecar_path(key)), Request("DELETE", blob_path(key))]
+        both = [Request("DELETE", sidecar_path(key, gen)), Request("DELETE", blob_path(key, gen))]
         return self.exchange({vol: both for vol in volumes}, ok=(200, 204, 404))
 
     def ping(self, volume: str) -> None:

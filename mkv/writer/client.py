@@ -9,7 +9,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from mkv.model import PendingOp, Record, State
+from mkv.model import Pending, Record, State
 from mkv.writer.protocol import (
     RECV_BYTES,
     KeyLocked,
@@ -99,23 +99,24 @@ class WriterClient:
 
     # conveniences that name the protocol's operations
 
-    def lock(self, key: str, *, retry: bool = False,
-             intend: Sequence[str] = ()) -> Record | None:
+    def lock(self, key: str, *, retry: bool = False, intend: Sequence[str] = (),
+             gen: str = "") -> Record | None:
         """Take the key's lock; returns its current record (None if absent). `intend`: the
         volumes a PUT is about to write, recorded in the same commit unless the key is
-        live (docs/design.md, "Pending operations")."""
+        live (docs/design.md, "Pending operations"); `gen` is the write's generation."""
         req: dict[str, Any] = {"op": "lock", "key": key}
         if intend:
-            req["intend"] = list(intend)
+            req["intend"], req["gen"] = list(intend), gen
         return record_from_wire(self.call(retry=retry, **req)["record"])
 
-    def intend(self, key: str, volumes: Sequence[str], *, retry: bool = False) -> None:
-        """More volumes the write under this lock may put copies on, before it does."""
-        self.call(op="intend", key=key, volumes=list(volumes), retry=retry)
+    def intend(self, key: str, gen: str, volumes: Sequence[str], *, retry: bool = False) -> None:
+        """More volumes write `gen` under this lock may put copies on, before it does."""
+        self.call(op="intend", key=key, gen=gen, volumes=list(volumes), retry=retry)
 
-    def pending_done(self, key: str, volume: str, op: PendingOp) -> None:
+    def pending_done(self, item: Pending) -> None:
         """A pending operation was carried out or found needless; releases the lock."""
-        self.call(op="pending_done", key=key, volume=volume, pending_op=int(op))
+        self.call(op="pending_done", key=item.key, gen=item.gen, volume=item.volume,
+                  pending_op=int(item.op))
 
     def unlock(self, key: str) -> None:
         self.call(op="unlock", key=key)
@@ -138,7 +139,7 @@ class WriterClient:
         name become due for removal."""
         req: dict[str, Any] = {"op": "put", "key": rec.key, "state": int(rec.state),
                                "volumes": list(rec.volumes), "size": rec.size, "md5": rec.md5,
-                               "mtime": rec.mtime, "keep_lock": keep_lock}
+                               "mtime": rec.mtime, "gen": rec.gen, "keep_lock": keep_lock}
         if expect is not None:
             req["expect"] = record_to_wire(expect)
         if new:

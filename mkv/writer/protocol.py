@@ -77,10 +77,11 @@ def record_to_wire(rec: Record | None) -> dict | None:
     if rec is None:
         return None
     return {"key": rec.key, "state": int(rec.state), "volumes": list(rec.volumes),
-            "size": rec.size, "md5": rec.md5, "mtime": rec.mtime}
+            "size": rec.size, "md5": rec.md5, "mtime": rec.mtime, "gen": rec.gen}
 
 
 def record_from_wire(d: dict | None) -> Record | None:
     if d is None:
         return None
-    return Record(d["key"], State(d["state"]), tuple(d["volumes"]), d["size"], d["md5"], d["mtime"])
+    return Record(d["key"], State(d["state"]), tuple(d["volumes"]), d["size"], d["md5"], d["mtime"],
+                  d.get("gen", ""))

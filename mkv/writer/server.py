@@ -47,7 +47,7 @@ class _Conn:
         self.sock = sock
         self.buf = bytearray()
         self.locks: set[str] = set()
-        self.intents: set[str] = set()  # keys whose write intents this connection owns
+        self.intents: dict[str, str] = {}  # key -> generation of this connection's write
 
 
 _WAKE = object()
@@ -165,8 +165,8 @@ class WriterServer:
         if conn.intents:
             try:
                 with self.db:
-                    for key in conn.intents:
-                        schema.activate_intents(self.db, key, time.time())
+                    for key, gen in conn.intents.items():
+                        schema.activate_intents(self.db, key, gen, time.time())
             except apsw.Error as exc:  # they stay intents; orphaned at the next start
                 log.error("could not queue the copies of a dropped connection: %s", exc)
             conn.intents.clear()
@@ -282,12 +282,12 @@ class WriterServer:
         return (op in WRITE_OPS or (op == "lock" and bool(req.get("intend")))
                 or (op == "unlock" and req.get("key") in conn.intents))
 
-    def _intend(self, conn: _Conn, key: str, volumes: list[str]) -> int:
-        """Record that a write of `key` may put copies on `volumes` (before it does)."""
+    def _intend(self, conn: _Conn, key: str, gen: str, volumes: list[str]) -> int:
+        """Record that write `gen` of `key` may put copies on `volumes` (before it does)."""
         now = time.time()
-        schema.write_pending(self.db, [Pending(key, v, PendingOp.REMOVE, PendingState.INTENT, now)
-                                       for v in volumes])
-        conn.intents.add(key)
+        schema.write_pending(self.db, [
+            Pending(key, v, PendingOp.REMOVE, PendingState.INTENT, now, gen) for v in volumes])
+        conn.intents[key] = gen
         return len(volumes)
 
     def _op_lock(self, conn: _Conn, req: dict) -> tuple[dict, None, int]:
@@ -299,7 +299,7 @@ class WriterServer:
         record = schema.read_record(self.db, key)
         wrote = 0
         if req.get("intend") and (record is None or record.state is not State.LIVE):
-            wrote = self._intend(conn, key, list(req["intend"]))
+            wrote = self._intend(conn, key, str(req["gen"]), list(req["intend"]))
         self.locks[key] = conn
         conn.locks.add(key)
         return {"ok": True, "record": record_to_wire(record)}, None, wrote
@@ -307,22 +307,23 @@ class WriterServer:
     def _op_intend(self, conn: _Conn, req: dict) -> tuple[dict, None, int]:
         """More volumes a write may touch (a replica re-placed after a failure)."""
         self._need_lock(conn, req)
-        return {"ok": True}, None, self._intend(conn, req["key"], list(req["volumes"]))
+        return {"ok": True}, None, self._intend(conn, req["key"], str(req["gen"]),
+                                                list(req["volumes"]))
 
     def _op_unlock(self, conn: _Conn, req: dict) -> tuple[dict, str, int]:
         """Give the lock back; a write that ends here recorded nothing, so the copies it
         intended become due for removal."""
         key = req["key"]
         if key in conn.intents:
-            schema.activate_intents(self.db, key, time.time())
-            conn.intents.discard(key)
+            schema.activate_intents(self.db, key, conn.intents.pop(key), time.time())
             return {"ok": True}, key, 1
         return {"ok": True}, key, 0
 
     def _op_pending_done(self, conn: _Conn, req: dict) -> tuple[dict, str | None, int]:
         """A pending operation was carried out (or found needless) under the key's lock."""
         self._need_lock(conn, req)
-        schema.delete_pending(self.db, req["key"], [req["volume"]], PendingOp(req["pending_op"]))
+        schema.delete_pending(self.db, req["key"], str(req.get("gen", "")), [req["volume"]],
+                              PendingOp(req["pending_op"]))
         return self._done(conn, req)
 
     def _op_put(self, conn: _Conn, req: dict) -> tuple[dict, str | None, int]:
@@ -330,7 +331,8 @@ class WriterServer:
         key = req["key"]
         self._need_lock(conn, req)
         rec = Record(key, State(req.get("state", State.LIVE)), tuple(req["volumes"]),
-                     int(req["size"]), str(req["md5"]), float(req.get("mtime") or time.time()))
+                     int(req["size"]), str(req["md5"]), float(req.get("mtime") or time.time()),
+                     str(req.get("gen", "")))
         checked, guard_new = "expect" in req, req.get("guard") == "new"
         cur = schema.read_record(self.db, key) if checked or guard_new else None
         verdict = core.put_cas(cur, rec, expect=record_from_wire(req.get("expect")),
@@ -338,7 +340,7 @@ class WriterServer:
         if verdict is Cas.WRITE and req.get("intent"):
             # the copies must still be the write's own: after a writer restart the health
             # process may have made them due (and removed them) while the upload went on
-            if not core.intents_cover(schema.read_pending(self.db, key), rec.volumes):
+            if not core.intents_cover(schema.read_pending(self.db, key), rec):
                 verdict = Cas.CONFLICT
         if verdict is Cas.CONFLICT:
             raise WriterError("conflict", key)
@@ -346,11 +348,11 @@ class WriterServer:
             schema.write_record(self.db, rec)
             if req.get("intent"):
                 now = time.time()
-                schema.delete_pending(self.db, key, rec.volumes, PendingOp.REMOVE)
-                schema.activate_intents(self.db, key, now)
-                conn.intents.discard(key)
+                schema.delete_pending(self.db, key, rec.gen, rec.volumes, PendingOp.REMOVE)
+                schema.activate_intents(self.db, key, rec.gen, now)
+                conn.intents.pop(key, None)
                 schema.write_pending(self.db, [
-                    Pending(key, v, PendingOp.REMOVE, PendingState.DUE, now)
+                    Pending(key, v, PendingOp.REMOVE, PendingState.DUE, now, cur.gen)
                     for v in core.replaced_copies(cur, rec)])
         return self._done(conn, req)
 
@@ -370,8 +372,10 @@ class WriterServer:
             raise WriterError("not_found", key)
         if req.get("mark"):  # sidecars that could not be marked unlinked yet
             now = time.time()
-            schema.write_pending(self.db, [Pending(key, v, PendingOp.MARK_UNLINKED, PendingState.DUE, now)
-                                           for v in req["mark"]])
+            gen = schema.read_record(self.db, key).gen
+            schema.write_pending(self.db, [
+                Pending(key, v, PendingOp.MARK_UNLINKED, PendingState.DUE, now, gen)
+                for v in req["mark"]])
         return self._done(conn, req, record=record_to_wire(schema.read_record(self.db, key)))
 
     def _op_delete(self, conn: _Conn, req: dict) -> tuple[dict, str | None, int]:
