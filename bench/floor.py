@@ -26,10 +26,9 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from mkv.index.cache import ChangeCount, RecordCache
-
 from mkv.config import Config
 from mkv.index import schema
+from mkv.index.cache import ChangeCount, RecordCache
 from mkv.index.reader import Reader
 from mkv.keys import blob_path, sidecar_body, sidecar_path
 from mkv.service.store import Store

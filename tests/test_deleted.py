@@ -7,6 +7,7 @@ would bring back is what the volumes still hold.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -156,3 +157,33 @@ def test_a_writer_killed_between_intent_and_record(volumes, make_service) -> Non
     assert reply.startswith(b"HTTP/1.1 201"), reply
     assert fetch(svc, key).content == b"w" * size
     wait_until(lambda: not pending_ops(svc), 10, "nothing pending")
+
+
+def test_a_large_put_across_a_writer_restart_never_mixes_with_a_newer_put(volumes,
+                                                                         make_service) -> None:
+    """A's upload straddles a writer restart (its lock dies); B writes the key in that gap.
+    The key reads back as exactly one value, with that value's own md5: B's, since B
+    recorded first and A is refused. A's bytes went to files of its own generation, and
+    are removed."""
+    svc = make_service(volumes, replicas=3, extra=FAST_HEALTH)
+    key = "/straddle/key"
+    size = 8 << 20
+    a = socket.create_connection(("127.0.0.1", svc.port))
+    a.sendall(f"PUT {key} HTTP/1.1\r\nHost: x\r\nContent-Length: {size}\r\n\r\n".encode())
+    a.sendall(b"A" * (size // 2))
+    wait_until(lambda: any(k == key for k, *_ in pending_ops(svc)), 10, "A's intent")
+    (writer,) = svc.pids("mkv.writer")
+    os.kill(writer, signal.SIGKILL)
+    wait_until(lambda: svc.pids("mkv.writer") and svc.pids("mkv.writer") != [writer], 15,
+               "the writer to be restarted")
+    b_value = b"B" * 3000
+    assert put(svc, key, b_value).status_code == 201  # A's lock died with the old writer
+    a.sendall(b"A" * (size - size // 2))
+    reply = a.recv(4096)
+    a.close()
+    assert reply.startswith(b"HTTP/1.1 409"), reply  # refused: the key is B's now
+    r = fetch(svc, key)
+    assert r.content == b_value
+    assert r.history[0].headers["Content-Md5"] == hashlib.md5(b_value).hexdigest()
+    wait_until(lambda: not pending_ops(svc), 15, "A's copies to be removed")
+    assert len(disk_files(volumes, key)) == 6  # B's blob and sidecar on three volumes

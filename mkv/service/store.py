@@ -209,7 +209,7 @@ class Store:
                 self._remove(key, current.gen, replaced)
             return record
         except BaseException:
-            self.writer.release(key)
+            self.writer.release(key, gen)
             raise
 
     def _read_all(self, length: int, read: Callable[[int], bytes]) -> bytes:

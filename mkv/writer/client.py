@@ -118,15 +118,17 @@ class WriterClient:
         self.call(op="pending_done", key=item.key, gen=item.gen, volume=item.volume,
                   pending_op=int(item.op))
 
-    def unlock(self, key: str) -> None:
-        self.call(op="unlock", key=key)
+    def unlock(self, key: str, gen: str = "") -> None:
+        """Give the lock back; `gen`: the write under it is over, its intents are due."""
+        self.call(op="unlock", key=key, **({"gen": gen} if gen else {}))
 
-    def release(self, key: str) -> None:
+    def release(self, key: str, gen: str = "") -> None:
         """Give the key's lock back on the way out of a failed operation, never raising:
         if the writer cannot be told, the connection is closed, and a lock dies with the
-        connection that took it (a writer that restarted holds none to begin with)."""
+        connection that took it (a writer that restarted holds none to begin with).
+        `gen`: a failed PUT's generation, whose copies become due for removal."""
         try:
-            self.unlock(key)
+            self.unlock(key, gen)
         except Exception:  # noqa: BLE001 - closing releases it just the same
             self.close()
 

@@ -280,7 +280,7 @@ class WriterServer:
         """Does this request change the index (and so need the batch's transaction)?"""
         op = req.get("op")
         return (op in WRITE_OPS or (op == "lock" and bool(req.get("intend")))
-                or (op == "unlock" and req.get("key") in conn.intents))
+                or (op == "unlock" and (bool(req.get("gen")) or req.get("key") in conn.intents)))
 
     def _intend(self, conn: _Conn, key: str, gen: str, volumes: list[str]) -> int:
         """Record that write `gen` of `key` may put copies on `volumes` (before it does)."""
@@ -314,8 +314,11 @@ class WriterServer:
         """Give the lock back; a write that ends here recorded nothing, so the copies it
         intended become due for removal."""
         key = req["key"]
-        if key in conn.intents:
-            schema.activate_intents(self.db, key, conn.intents.pop(key), time.time())
+        # the write's generation: this connection's, or named by a client whose connection
+        # (and lock) a writer restart took; only that write knows it
+        gen = conn.intents.pop(key, None) or req.get("gen")
+        if gen:
+            schema.activate_intents(self.db, key, str(gen), time.time())
             return {"ok": True}, key, 1
         return {"ok": True}, key, 0
 
