@@ -3,9 +3,10 @@ process and mkv-rebalance call to remove a DELETING record's copies and record w
 left (docs/design.md, "Delete protocol").
 
 The caller holds the key's lock. Whether that lock must be checked before copies are
-removed has one answer: always. A writer restart drops every lock, a client may have
-written the key since, and its bytes would live at the same blob path; so the lock is
-confirmed on the connection that took it (one round trip), right before the removal.
+removed has one answer: always. A writer restart drops every lock, and a client may
+have written or deleted the key since: the record read before would then be stale.
+So the lock is confirmed on the connection that took it (one round trip), right
+before the removal.
 """
 
 from __future__ import annotations

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import requests
 
+from mkv.writer.lockfile import writer_running
 from tests.cluster import free_port, group_alive
 
 
@@ -84,12 +85,21 @@ class MkvService:
         self._reap_group(pgid)
         code = self.proc.returncode
         self.proc = None
+        self._wait_writer_gone()
         return code
 
     def kill(self) -> None:
         if self.proc is not None:
             self._reap_group(self.proc.pid)
             self.proc = None
+            self._wait_writer_gone()
+
+    def _wait_writer_gone(self, timeout: float = 10.0) -> None:
+        """The writer runs in a process group of its own and, with its master killed,
+        stops by itself a moment later: wait until it has let go of the index."""
+        deadline = time.monotonic() + timeout
+        while writer_running(self.db) and time.monotonic() < deadline:
+            time.sleep(0.05)
 
     def _reap_group(self, pgid: int) -> None:
         deadline = time.monotonic() + 5

@@ -258,10 +258,10 @@ R, INT, D, ORPH = PendingOp.REMOVE, PendingState.INTENT, PendingState.DUE, Pendi
 def test_a_put_keeps_the_copies_it_names_and_queues_the_others(writer):
     db, sock, _ = writer
     c = WriterClient(sock)
-    assert c.lock("/k", intend=["a:1", "b:2", "c:3"], gen="g1") is None
+    assert c.lock("/k", intend=["a:1", "b:2", "c:3"], gen="a1") is None
     assert pending_of(db, "/k") == {("a:1", R, INT), ("b:2", R, INT), ("c:3", R, INT)}
-    c.intend("/k", "g1", ["d:4"])  # a replica re-placed after b:2 failed
-    c.put(gen(rec("/k", ("a:1", "c:3", "d:4")), "g1"), new=True, intent=True)
+    c.intend("/k", "a1", ["d:4"])  # a replica re-placed after b:2 failed
+    c.put(gen(rec("/k", ("a:1", "c:3", "d:4")), "a1"), new=True, intent=True)
     assert pending_of(db, "/k") == {("b:2", R, D)}
     assert [p.key for p in reader_of(db).due_pending(0.0, ["b:2"])] == ["/k"]
     assert reader_of(db).due_pending(0.0, ["a:1", "e:5"]) == []  # only rows on those volumes
@@ -270,11 +270,11 @@ def test_a_put_keeps_the_copies_it_names_and_queues_the_others(writer):
 def test_a_write_that_ends_without_a_record_queues_every_copy(writer):
     db, sock, _ = writer
     c = WriterClient(sock)
-    c.lock("/gave-up", intend=["a:1", "b:2"], gen="g1")
+    c.lock("/gave-up", intend=["a:1", "b:2"], gen="a1")
     c.unlock("/gave-up")
     assert pending_of(db, "/gave-up") == {("a:1", R, D), ("b:2", R, D)}
     dying = WriterClient(sock)
-    dying.lock("/died", intend=["a:1"], gen="g1")
+    dying.lock("/died", intend=["a:1"], gen="a1")
     dying.close()  # the worker is gone: the kernel closes its socket
     deadline = time.monotonic() + 5
     while pending_of(db, "/died") != {("a:1", R, D)} and time.monotonic() < deadline:
@@ -287,7 +287,7 @@ def test_a_live_key_gets_no_intent(writer):
     c = WriterClient(sock)
     c.lock("/live")
     c.put(rec("/live"))
-    assert c.lock("/live", intend=["a:1"], gen="g2") is not None
+    assert c.lock("/live", intend=["a:1"], gen="a2") is not None
     c.unlock("/live")
     assert pending_of(db, "/live") == set()
 
@@ -296,20 +296,20 @@ def test_intents_survive_a_writer_restart_orphaned_and_a_made_due_one_refuses_th
     db, sock = str(tmp_path / "i.db"), str(tmp_path / "w.sock")
     server, thread = serve_in_thread(db, sock)
     c, d = WriterClient(sock, retry_for=5), WriterClient(sock, retry_for=5)  # two workers
-    c.lock("/slow", intend=["a:1"], gen="g1")
-    d.lock("/late", intend=["a:1"], gen="g1")
+    c.lock("/slow", intend=["a:1"], gen="a1")
+    d.lock("/late", intend=["a:1"], gen="a1")
     server.stop()
     thread.join(5)  # the writer dies with both uploads still going on
     server, thread = serve_in_thread(db, sock)
     try:
         assert pending_of(db, "/slow") == {("a:1", R, ORPH)}
-        c.put(gen(rec("/slow"), "g1"), new=True, intent=True, retry=True)  # still its own: recorded
+        c.put(gen(rec("/slow"), "a1"), new=True, intent=True, retry=True)  # still its own: recorded
         assert reader_of(db).get("/slow") is not None and pending_of(db, "/slow") == set()
         h = WriterClient(sock)  # the health process made /late's copy due meanwhile
         h.lock("/late")
-        h.pending_done(Pending("/late", "a:1", R, D, 0.0, "g1"))
+        h.pending_done(Pending("/late", "a:1", R, D, 0.0, "a1"))
         with pytest.raises(WriterError) as err:
-            d.put(gen(rec("/late"), "g1"), new=True, intent=True, retry=True)
+            d.put(gen(rec("/late"), "a1"), new=True, intent=True, retry=True)
         assert err.value.code == "conflict" and reader_of(db).get("/late") is None
     finally:
         server.stop()
@@ -339,7 +339,28 @@ def test_an_index_of_the_previous_schema_is_upgraded_in_place(tmp_path):
     upgraded = schema.open_index(db)
     assert schema.read_record(upgraded, "/old") == rec("/old")  # gen "": the legacy file names
     assert schema.read_pending(upgraded, "/old") == []
-    assert upgraded.execute("SELECT value FROM meta WHERE name='schema_version'").fetchone()[0] == "2"
+    version = upgraded.execute("SELECT value FROM meta WHERE name='schema_version'").fetchone()[0]
+    assert version == str(schema.SCHEMA_VERSION)
+
+
+def test_an_index_with_pending_rows_but_no_generations_is_upgraded_in_place(tmp_path):
+    db = str(tmp_path / "v2.db")
+    conn = schema.connect(db, create=True)
+    conn.execute("""
+        CREATE TABLE keys(key TEXT PRIMARY KEY, state INT NOT NULL, volumes TEXT NOT NULL,
+                          size INT NOT NULL, md5 TEXT NOT NULL, mtime REAL NOT NULL) WITHOUT ROWID;
+        CREATE TABLE meta(name TEXT PRIMARY KEY, value TEXT);
+        CREATE TABLE pending(key TEXT NOT NULL, volume TEXT NOT NULL, op INT NOT NULL,
+                             state INT NOT NULL, since REAL NOT NULL,
+                             PRIMARY KEY(key, volume, op)) WITHOUT ROWID;
+        CREATE INDEX pending_due ON pending(state, since);
+        INSERT INTO meta VALUES('schema_version', '2');
+        INSERT INTO pending VALUES('/p', 'a:1', 1, 1, 5.0);""")
+    conn.close()
+    upgraded = schema.open_index(db)
+    assert schema.read_pending(upgraded, "/p") == [Pending("/p", "a:1", R, D, 5.0, "")]
+    assert upgraded.execute("SELECT name FROM sqlite_master WHERE name='pending_due'").fetchone()
+    schema.open_index(db).close()  # opening it again changes nothing
 
 
 @pytest.mark.parametrize("state", [State.UNLINKED, State.DELETING])
@@ -347,8 +368,21 @@ def test_a_put_over_an_unlinked_or_deleting_record_queues_its_other_copies(write
     db, sock, _ = writer
     c = WriterClient(sock)
     c.lock("/re")
-    c.put(dataclasses.replace(rec("/re", ("a:1", "b:2")), state=state, gen="g1"))
-    assert c.lock("/re", intend=["b:2", "c:3"], gen="g2").state is state
-    c.put(gen(rec("/re", ("b:2", "c:3")), "g2"), new=True, intent=True)
+    c.put(dataclasses.replace(rec("/re", ("a:1", "b:2")), state=state, gen="a1"))
+    assert c.lock("/re", intend=["b:2", "c:3"], gen="a2").state is state
+    c.put(gen(rec("/re", ("b:2", "c:3")), "a2"), new=True, intent=True)
     # the old write's files on every volume: another generation, other file names
     assert pending_of(db, "/re") == {("a:1", R, D), ("b:2", R, D)}
+
+
+def test_a_generation_that_is_not_a_file_name_is_refused(writer):
+    _, sock, _ = writer
+    c = WriterClient(sock)
+    for bad in ("../x", "G1", "a" * 33, "1/2"):
+        with pytest.raises(WriterError) as err:
+            c.lock(f"/bad/{bad}", intend=["a:1"], gen=bad)
+        assert err.value.code == "bad_request"
+        c.lock("/bad/put")
+        with pytest.raises(WriterError):
+            c.put(gen(rec("/bad/put"), bad))
+        c.unlock("/bad/put")

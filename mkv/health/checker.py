@@ -155,6 +155,8 @@ class HealthChecker:
                 if set(rec.volumes) & up:
                     given += 1
                     yield rec
+                    if given >= CLEANUP_BATCH:
+                        return
 
     def finish_pending(self) -> int:
         """Carry out due pending operations on volumes that answer (docs/design.md,

@@ -15,10 +15,10 @@ import apsw
 
 from mkv.model import HealthRow, Pending, PendingOp, PendingState, Record, State
 
-SCHEMA_VERSION = 2
-#: Versions this mkv opens and upgrades in place (2 added the pending table and the
-#: generation column).
-UPGRADES_FROM = {1}
+SCHEMA_VERSION = 3
+#: Versions this mkv opens and upgrades in place: 2 added the pending table, 3 the
+#: generation columns (of keys and of pending).
+UPGRADES_FROM = {1, 2}
 
 
 SCHEMA = """
@@ -75,16 +75,27 @@ def connect(path: str, *, synchronous: str = "NORMAL", create: bool = False) -> 
     return conn
 
 
+def _columns(conn: apsw.Connection, table: str) -> set[str]:
+    return {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}
+
+
 def init_schema(conn: apsw.Connection) -> None:
-    """Create the tables if missing and check the schema version."""
+    """Create the tables if missing, check the schema version, and upgrade an older
+    file in place (by what its tables lack, so a half-upgraded file is finished too)."""
     with conn:
-        conn.execute(SCHEMA)
+        conn.execute(SCHEMA)  # an older file gets the tables it lacked
         row = conn.execute("SELECT value FROM meta WHERE name='schema_version'").fetchone()
         if row is not None and int(row[0]) != SCHEMA_VERSION and int(row[0]) not in UPGRADES_FROM:
             raise SchemaError(f"index schema version {row[0]}, this mkv needs {SCHEMA_VERSION}")
-        # an older version's file has just got the tables it lacked (CREATE IF NOT EXISTS)
-        if row is not None and int(row[0]) == 1:
+        if "gen" not in _columns(conn, "keys"):
             conn.execute("ALTER TABLE keys ADD COLUMN gen TEXT NOT NULL DEFAULT ''")
+        if "gen" not in _columns(conn, "pending"):  # version 2: its rows name legacy files
+            conn.execute("DROP INDEX IF EXISTS pending_due")  # made again for the new table
+            conn.execute("ALTER TABLE pending RENAME TO pending_v2")
+            conn.execute(SCHEMA[SCHEMA.index("CREATE TABLE IF NOT EXISTS pending"):])
+            conn.execute("INSERT INTO pending(key, gen, volume, op, state, since) "
+                         "SELECT key, '', volume, op, state, since FROM pending_v2")
+            conn.execute("DROP TABLE pending_v2")
         conn.execute("INSERT OR REPLACE INTO meta VALUES('schema_version', ?)", (str(SCHEMA_VERSION),))
 
 

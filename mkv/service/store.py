@@ -181,6 +181,8 @@ class Store:
         # a name of its own for every write: two writes of a key never share a file
         gen = new_gen(time.time_ns(), os.urandom(3))
         current = self._lock(key, intend=volumes, gen=gen)
+        # the writer recorded intents unless the PUT is refused (403) or cannot be placed
+        intent_gen = gen if volumes is not None and core.put_verdict(current) is Verdict.PROCEED else ""
         try:
             if core.put_verdict(current) is Verdict.EXISTS:
                 raise KeyExists(key)
@@ -209,7 +211,7 @@ class Store:
                 self._remove(key, current.gen, replaced)
             return record
         except BaseException:
-            self.writer.release(key, gen)
+            self.writer.release(key, intent_gen)
             raise
 
     def _read_all(self, length: int, read: Callable[[int], bytes]) -> bytes:
@@ -258,7 +260,8 @@ class Store:
                 break
             new = [v for v in volumes if v not in intended]
             if new:
-                self.writer.intend(key, gen, new, retry=True)  # before any byte goes there
+                # before any byte goes there
+                self._expecting(key, self.writer.intend, key, gen, new, retry=True)
                 intended.update(new)
         self._remove(key, gen, sorted(set(done) | {e.volume for e in failed}))
         raise VolumeFailed("; ".join(str(e) for e in failed))
@@ -355,7 +358,7 @@ class Store:
         try:
             return op(*args, **kw)
         except WriterError as exc:
-            if exc.code in ("conflict", "lock_lost"):
+            if exc.code in ("conflict", "lock_lost", "locked"):
                 raise InFlight(key) from None
             raise
 

@@ -25,6 +25,7 @@ from mkv import core
 from mkv.core import Cas
 from mkv.index import schema
 from mkv.index.cache import ChangeCount
+from mkv.keys import GEN_RE
 from mkv.model import Pending, PendingOp, PendingState, Record, State
 from mkv.writer.lockfile import WriterLock
 from mkv.writer.protocol import (
@@ -51,6 +52,14 @@ class _Conn:
 
 
 _WAKE = object()
+
+
+def _check_gen(gen: str) -> str:
+    """A generation names files on every volume: only what keys.GEN_RE allows ("" is
+    the legacy name)."""
+    if gen and not GEN_RE.fullmatch(gen):
+        raise WriterError("bad_request", f"bad generation {gen!r}")
+    return gen
 
 
 class WriterServer:
@@ -284,6 +293,7 @@ class WriterServer:
 
     def _intend(self, conn: _Conn, key: str, gen: str, volumes: list[str]) -> int:
         """Record that write `gen` of `key` may put copies on `volumes` (before it does)."""
+        _check_gen(gen)
         now = time.time()
         schema.write_pending(self.db, [
             Pending(key, v, PendingOp.REMOVE, PendingState.INTENT, now, gen) for v in volumes])
@@ -335,7 +345,7 @@ class WriterServer:
         self._need_lock(conn, req)
         rec = Record(key, State(req.get("state", State.LIVE)), tuple(req["volumes"]),
                      int(req["size"]), str(req["md5"]), float(req.get("mtime") or time.time()),
-                     str(req.get("gen", "")))
+                     _check_gen(str(req.get("gen", ""))))
         checked, guard_new = "expect" in req, req.get("guard") == "new"
         cur = schema.read_record(self.db, key) if checked or guard_new else None
         verdict = core.put_cas(cur, rec, expect=record_from_wire(req.get("expect")),
