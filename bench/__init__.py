@@ -13,4 +13,5 @@ cpu        CPU per request of each process (workers, writer, nginx) under wrk lo
 floor      mkv's own CPU per operation in one thread, nothing else running
 rebuild    mkv-rebuild speed
 orphans    the freeze reproduction: copies left on the volumes after DELETE
+writer_restart  PUT throughput before and after a writer restart
 """
