@@ -12,6 +12,7 @@ import json
 import os
 import signal
 import socket
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from urllib.parse import quote
@@ -187,3 +188,42 @@ def test_a_large_put_across_a_writer_restart_never_mixes_with_a_newer_put(volume
     assert r.history[0].headers["Content-Md5"] == hashlib.md5(b_value).hexdigest()
     wait_until(lambda: not pending_ops(svc), 15, "A's copies to be removed")
     assert len(disk_files(volumes, key)) == 6  # B's blob and sidecar on three volumes
+
+
+def test_a_frozen_volume_costs_a_put_the_detection_time_not_the_volume_timeout(
+        make_volumes, make_service) -> None:
+    """volume-timeout stays at its default (10 s). Small PUTs waiting on the frozen volume
+    give up once the others have answered and it lags far behind (or once it is marked
+    down) and place that replica again; a large PUT streaming to it fails as soon as it is
+    marked down. Nothing waits for the timeout."""
+    vols = make_volumes(4)
+    fast_probes = ["--health-interval", "0.2", "--health-timeout", "0.5",
+                   "--health-fail-count", "2", "--health-ok-count", "2"]
+    svc = make_service(vols, replicas=2, extra=fast_probes)
+    frozen = vols[0]
+    keys = placed_on(vols, frozen, 2, 8, "/hedge/")
+    big = placed_on(vols, frozen, 2, 9, "/hedge-big/")[-1]
+
+    def timed_put(key: str, size: int) -> tuple[int, float]:
+        started = time.monotonic()
+        return put(svc, key, body_for(key, size)).status_code, time.monotonic() - started
+
+    freeze(frozen)
+    try:
+        with ThreadPoolExecutor(5) as pool:
+            large = pool.submit(timed_put, big, 8 << 20)  # first: the volume is not down yet
+            small = list(pool.map(lambda k: timed_put(k, 2000), keys))
+            big_status, big_took = large.result()
+    finally:
+        thaw(frozen)
+    print(f"small PUTs: slowest {max(t for _, t in small):.2f}s; large PUT {big_status} "
+          f"in {big_took:.2f}s (volume-timeout 10s)")
+    assert [s for s, _ in small] == [201] * len(keys)
+    assert max(t for _, t in small) < 5.0
+    assert big_status in (201, 502, 503) and big_took < 5.0
+    for k in keys:
+        assert fetch(svc, k).content == body_for(k, 2000)
+    wait_until(lambda: volume_status(svc, frozen.address) == "up", 15, "the volume to be up")
+    wait_until(lambda: not pending_ops(svc), 15, "the given-up copies to be removed")
+    assert not [k for k in keys + [big] if disk_files([frozen], k)
+                and frozen.address not in (replicas_of(svc, k) if fetch(svc, k).ok else [])]

@@ -134,13 +134,23 @@ class HealthChecker:
                 self.writer.release(rec.key)
                 continue
             try:
-                left, _ = finish_delete(self.pool, self.writer, current,
-                                        [v for v in current.volumes if v in up])
+                left, errors = finish_delete(self.pool, self.writer, current,
+                                             [v for v in current.volumes if v in up])
             except WriterError:
                 self.writer.close()  # drops the lock too
                 return done
+            self._failed_during_work(up, errors)
             done += not left
         return done
+
+    def _failed_during_work(self, up: set[str], errors: Iterable[VolumeError]) -> None:
+        """A volume that fails the clean-up counts as a failed probe, and is left alone for
+        the rest of the round: one slow volume must not hold up the probes of all."""
+        for err in core.blamed(list(errors)):
+            if err.volume in up:
+                up.discard(err.volume)
+                self.record(err.volume, False, None, f"failed during clean-up: {err.detail}")
+                self.publish()
 
     def _pending_deletes(self, up: set[str]) -> Iterator[Record]:
         """DELETING records with a copy on a volume that answers, a page at a time, so
@@ -166,6 +176,8 @@ class HealthChecker:
         done = 0
         up = {v for v, s in self.states.items() if s.up}
         for item in self.reader.due_pending(time.time() - self.orphan_after, up, CLEANUP_BATCH):
+            if item.volume not in up:
+                continue  # failed earlier in this round
             try:
                 current = self.writer.lock(item.key)
             except KeyLocked:
@@ -187,6 +199,7 @@ class HealthChecker:
                     ).get(item.volume)
                 if error is not None:
                     log.warning("pending %s of %r on %s: %s", item.op.name, item.key, item.volume, error)
+                    self._failed_during_work(up, [error])
                     self.writer.release(item.key)
                     continue
                 self.writer.pending_done(item)

@@ -134,6 +134,11 @@ class Store:
                 health[vol] = Health.DOWN
         return health
 
+    def _gone(self, volume: str) -> bool:
+        """Marked down since the request began (by the health process, or by this
+        worker's own failures): waiting on it any longer only delays the answer."""
+        return self.health().get(volume) is Health.DOWN
+
     def _blame(self, errors: list[BaseException | None]) -> None:
         """Count volume failures at once: locally, and with the health process."""
         for err in core.blamed(errors):
@@ -244,7 +249,10 @@ class Store:
         intended = set(volumes)  # recorded with the lock
         for _attempt in range(3):
             todo = [v for v in volumes if v not in done]
-            errors: list[VolumeError] = list(self.pool.exchange({v: both for v in todo}).values())
+            # a volume marked down meanwhile, or far slower than the others, is given up
+            # on early and the replica placed again: its copy is the intent's to clean
+            errors: list[VolumeError] = list(self.pool.exchange(
+                {v: both for v in todo}, gone=self._gone, hedge=True).values())
             self._blame(errors)
             failed += errors
             bad = {e.volume for e in errors}
@@ -270,7 +278,7 @@ class Store:
                 expect_md5: str | None) -> str:
         digest = hashlib.md5(usedforsecurity=False) if (self.cfg.md5 or expect_md5) else None
         path = blob_path(key, gen)
-        fan = FanOut(self.pool, self.executor, volumes, path, length)
+        fan = FanOut(self.pool, self.executor, volumes, path, length, gone=self._gone)
         got = 0
         try:
             while got < length:
@@ -318,7 +326,7 @@ class Store:
     def _remove(self, key: str, gen: str, volumes: list[str] | tuple[str, ...]) -> list[VolumeError]:
         """Remove write `gen`'s copies of the key on these volumes (Pool.remove_copies):
         at once, as a courtesy; the write's intents make sure of it (pending operations)."""
-        errors = list(self.pool.remove_copies(key, volumes, gen).values())
+        errors = list(self.pool.remove_copies(key, volumes, gen, gone=self._gone).values())
         self._blame(errors)
         for err in errors:
             log.warning("could not remove %r from %s: %s", key, err.volume, err.detail)

@@ -15,11 +15,13 @@ one module, with one error translation (`volume_error`) and one retry policy (`R
 from __future__ import annotations
 
 import dataclasses
+import functools
 import queue
+import select
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Container, Iterable, Iterator
+from collections.abc import Callable, Container, Iterable, Iterator
 from concurrent.futures import Executor, Future
 
 from mkv.keys import blob_path, sidecar_path
@@ -31,7 +33,7 @@ from mkv.volumes.errors import (
     VolumeTimeout,
     VolumeUnreachable,
 )
-from mkv.volumes.wire import BadResponse, Connection, Dropped, Reply, Request
+from mkv.volumes.wire import BadResponse, Connection, Dropped, GaveUp, Reply, Request
 
 OK = (200, 201, 204)
 
@@ -63,9 +65,44 @@ def volume_error(volume: str, req: Request, exc: BaseException) -> VolumeError:
     """The one translation of a transport failure into a typed VolumeError."""
     if isinstance(exc, VolumeError):
         return exc
+    if isinstance(exc, GaveUp):
+        return VolumeTimeout(volume, f"{req.method} {req.path}: {exc}")
     if isinstance(exc, TimeoutError):
         return VolumeTimeout(volume, f"{req.method} {req.path}: timed out")
     return VolumeUnreachable(volume, f"{req.method} {req.path}: {exc or type(exc).__name__}")
+
+
+class Hedge:
+    """When to stop waiting on one volume of a pipelined exchange: every other volume
+    has answered (its reply read, or waiting in its socket), and this one has taken
+    HEDGE_FACTOR times as long as they did, and at least HEDGE_MIN_SECONDS."""
+
+    def __init__(self, conns: dict[str, Connection], done: dict[str, object]) -> None:
+        self.conns = conns
+        self.done = done
+        self.sent = time.monotonic()
+        self.others_at: dict[str, float] = {}
+
+    def late(self, volume: str) -> bool:
+        if len(self.conns) < 2:
+            return False  # nothing to compare with: only the timeout ends the wait
+        now = time.monotonic()
+        if volume not in self.others_at:
+            waiting = [c.sock for v, c in self.conns.items()
+                       if v != volume and v not in self.done and c.sock is not None]
+            if waiting and len(select.select(waiting, [], [], 0)[0]) < len(waiting):
+                return False  # another replica is still at work too
+            self.others_at[volume] = now
+        took = self.others_at[volume] - self.sent
+        return now - self.sent > max(HEDGE_MIN_SECONDS, HEDGE_FACTOR * took)
+
+
+HEDGE_MIN_SECONDS = 1.0
+HEDGE_FACTOR = 10.0
+
+
+def _give_up(volume: str, gone: Callable[[str], bool] | None, hedge: Hedge | None) -> bool:
+    return (gone is not None and gone(volume)) or (hedge is not None and hedge.late(volume))
 
 
 #: What a broken connection raises; all of it means "this volume failed this request".
@@ -147,18 +184,25 @@ class Pool:
 
     # --- small requests, pipelined ---
 
-    def exchange(self, work: dict[str, list[Request]], ok: Container[int] = OK
+    def exchange(self, work: dict[str, list[Request]], ok: Container[int] = OK, *,
+                 gone: Callable[[str], bool] | None = None, hedge: bool = False
                  ) -> dict[str, VolumeError]:
         """Send each volume its requests and check every answer's status; the errors,
-        by volume."""
-        return {vol: out for vol, out in self.ask(work, ok).items()
+        by volume (`gone` and `hedge` as in `ask`)."""
+        return {vol: out for vol, out in self.ask(work, ok, gone=gone, hedge=hedge).items()
                 if isinstance(out, VolumeError)}
 
-    def ask(self, work: dict[str, list[Request]], ok: Container[int] = OK
+    def ask(self, work: dict[str, list[Request]], ok: Container[int] = OK, *,
+            gone: Callable[[str], bool] | None = None, hedge: bool = False
             ) -> dict[str, list[Reply] | VolumeError]:
         """Send each volume its requests (all volumes first, then read the answers), so
         the volumes work at once without a thread each. By volume: one Reply per
-        request, or the error that stopped them (a status outside `ok` is an error)."""
+        request, or the error that stopped them (a status outside `ok` is an error).
+
+        `gone(volume)`: the caller's word that a volume was marked down; waiting on it
+        ends then, not at the timeout. `hedge`: waiting on a volume also ends once the
+        others have all answered and it has taken far longer than they did (`Hedge`).
+        Either way its error is a VolumeTimeout, sooner."""
         conns = {vol: self.take(vol) for vol in work}
         out: dict[str, list[Reply] | VolumeError] = {}
         for vol, reqs in work.items():
@@ -166,13 +210,18 @@ class Pool:
                 conns[vol].send(b"".join(conns[vol].encode(r) for r in reqs))
             except OSError:
                 conns[vol].close()  # sent again below, on a new connection
+        watch = Hedge(conns, out) if hedge else None
         for vol, reqs in work.items():
+            conn = conns[vol]
+            if gone is not None or watch is not None:
+                conn.give_up = functools.partial(_give_up, vol, gone, watch)
             try:
-                out[vol] = self._finish(conns[vol], reqs, ok)
+                out[vol] = self._finish(conn, reqs, ok)
             except VolumeError as exc:
-                conns[vol].close()
+                conn.close()
                 out[vol] = exc
-            self.give(conns[vol])
+            conn.give_up = None
+            self.give(conn)
         return out
 
     def get_many(self, volume: str, paths: list[str], window: int = 64) -> list[Reply]:
@@ -187,13 +236,14 @@ class Pool:
             replies += out
         return replies
 
-    def remove_copies(self, key: str, volumes: Iterable[str], gen: str = "") -> dict[str, VolumeError]:
+    def remove_copies(self, key: str, volumes: Iterable[str], gen: str = "", *,
+                      gone: Callable[[str], bool] | None = None) -> dict[str, VolumeError]:
         """Delete the copy of write `gen` of the key on each volume, sidecar then blob (pipelined: nginx runs
         them in order), all volumes at once; already gone counts as done. A copy half
         removed is a lone blob or a lone sidecar, neither of which a rebuild takes.
         The errors, by volume."""
         both = [Request("DELETE", sidecar_path(key, gen)), Request("DELETE", blob_path(key, gen))]
-        return self.exchange({vol: both for vol in volumes}, ok=(200, 204, 404))
+        return self.exchange({vol: both for vol in volumes}, ok=(200, 204, 404), gone=gone)
 
     def ping(self, volume: str) -> None:
         """Cheapest request that proves the volume serves HTTP: nginx's /-/ping, no disk IO."""
@@ -239,7 +289,8 @@ class Pool:
     # --- streamed bodies ---
 
     def put_stream(self, volume: str, path: str, chunks: Iterable[bytes], length: int,
-                   then: list[Request] | None = None) -> None:
+                   then: list[Request] | None = None,
+                   give_up: Callable[[], bool] | None = None) -> None:
         """PUT a body read from `chunks`, then the small requests `then` pipelined behind
         it (a sidecar follows its blob with no round trip in between, and only once the
         whole body is sent). Whatever `chunks` raises passes through, with the connection
@@ -249,6 +300,7 @@ class Pool:
         that nginx has closed meanwhile is only found out once the body is gone."""
         then = then or []
         conn = Connection(volume, self.timeout)
+        conn.give_up = give_up  # e.g. the volume was marked down: stop waiting on it
         put = Request("PUT", path)
 
         def send(data: bytes) -> None:
@@ -272,6 +324,7 @@ class Pool:
         except BaseException:
             conn.close()
             raise
+        conn.give_up = None
         self.give(conn)
 
     def download(self, volume: str, path: str) -> Download:
@@ -308,8 +361,9 @@ class FanOut:
     """
 
     def __init__(self, pool: Pool, executor: Executor, volumes: list[str], path: str,
-                 length: int, depth: int = 4) -> None:
+                 length: int, depth: int = 4, gone: Callable[[str], bool] | None = None) -> None:
         self.volumes = volumes
+        self.gone = gone
         self.length = length
         self.failed = threading.Event()
         self._queues: list[queue.Queue] = [queue.Queue(maxsize=depth) for _ in volumes]
@@ -333,7 +387,8 @@ class FanOut:
 
     def _upload(self, pool: Pool, vol: str, path: str, q: queue.Queue) -> None:
         try:
-            pool.put_stream(vol, path, self._body(vol, q), self.length)
+            give_up = functools.partial(self.gone, vol) if self.gone is not None else None
+            pool.put_stream(vol, path, self._body(vol, q), self.length, give_up=give_up)
         except BaseException:
             self.failed.set()
             raise

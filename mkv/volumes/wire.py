@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import dataclasses
 import socket
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
 
 # socket.recv(n) allocates n bytes first; keep n small (see mkv.writer.protocol.RECV_BYTES)
 RECV_BYTES = 1 << 16
@@ -19,6 +21,15 @@ class Dropped(Exception):
 
 class BadResponse(Exception):
     """Not HTTP as nginx speaks it."""
+
+
+class GaveUp(TimeoutError):
+    """The caller stopped waiting on this volume before the timeout (it was marked
+    down, or it is far slower than the other replicas): a timeout, only sooner."""
+
+
+#: How often a wait with a `give_up` check looks again.
+POLL_SECONDS = 0.1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,6 +61,8 @@ class Connection:
         self.buf = bytearray()
         self.pos = 0
         self.reused = False  # served an earlier exchange: nginx may have closed it since
+        #: while set, a wait on this volume ends early once it answers True
+        self.give_up: Callable[[], bool] | None = None
 
     def close(self) -> None:
         if self.sock is not None:
@@ -75,11 +88,37 @@ class Connection:
         if self.sock is None:
             self.sock = socket.create_connection(self.addr, timeout=self.timeout)
             self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.sock.sendall(data)
+        if self.give_up is None:
+            self.sock.sendall(data)
+            return
+        view = memoryview(data)
+        while view:
+            view = view[self._waiting(self.sock.send, view):]
+
+    def _waiting(self, io: Callable[[Any], Any], arg: Any) -> Any:
+        """`io(arg)` on the socket, in slices of POLL_SECONDS: between slices `give_up`
+        may end the wait early; the whole wait still ends at the timeout."""
+        assert self.sock is not None
+        if self.give_up is None:
+            return io(arg)
+        deadline = time.monotonic() + self.timeout
+        self.sock.settimeout(min(POLL_SECONDS, self.timeout))
+        try:
+            while True:
+                try:
+                    return io(arg)
+                except TimeoutError:
+                    if time.monotonic() >= deadline:
+                        raise
+                    if self.give_up():
+                        raise GaveUp("gave up waiting (marked down, or far slower than "
+                                     "the other replicas)") from None
+        finally:
+            self.sock.settimeout(self.timeout)
 
     def _fill(self) -> None:
         assert self.sock is not None
-        data = self.sock.recv(RECV_BYTES)
+        data = self._waiting(self.sock.recv, RECV_BYTES)
         if not data:
             raise Dropped("connection closed by the volume")
         if self.pos and self.pos >= len(self.buf) // 2:
