@@ -12,6 +12,7 @@ profile    py-spy on the service under wrk load
 cpu        CPU per request of each process (workers, writer, nginx) under wrk load
 floor      mkv's own CPU per operation in one thread, nothing else running
 rebuild    mkv-rebuild speed
+localcluster  volumes and mkv serve for the failure benchmarks
 orphans    the freeze reproduction: copies left on the volumes after DELETE
 writer_restart  PUT throughput before and after a writer restart
 """

@@ -11,25 +11,19 @@ intents and pending operations, most keys kept a copy that a rebuild brought bac
 
 import os
 import signal
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from urllib.parse import quote
 
 import requests
 
+from bench.localcluster import local_cluster
 from mkv.config import Config
-from tests.cluster import NginxVolume
 from tests.helpers import FAST_HEALTH, body_for, disk_files, put, volume_status, wait_until
-from tests.service import MkvService
 
 
 def main() -> None:
-    tmp = Path(tempfile.mkdtemp())
-    vols = [NginxVolume.start(tmp / f"v{i}") for i in range(4)]
-    svc = MkvService(tmp / "svc", [v.address for v in vols], replicas=2, extra=FAST_HEALTH).start()
-    try:
+    with local_cluster(4, replicas=2, extra=FAST_HEALTH) as (vols, svc):
         frozen = vols[0]
         ring = Config(volumes=tuple(v.address for v in vols)).ring()
         keys = [k for k in (f"/freeze/{i}" for i in range(10000)) if frozen.address in ring.place(k, 2)][:6]
@@ -46,10 +40,6 @@ def main() -> None:
         time.sleep(3)
         left = [k for k in keys if disk_files(vols, k)]
         print(f"codes {codes}; keys with copies left after DELETE: {len(left)} of {len(keys)}")
-    finally:
-        svc.stop()
-        for v in vols:
-            v.stop()
 
 
 if __name__ == "__main__":

@@ -12,16 +12,13 @@ from __future__ import annotations
 import argparse
 import os
 import signal
-import tempfile
 import threading
 import time
-from pathlib import Path
 
 import requests
 
-from tests.cluster import NginxVolume
+from bench.localcluster import local_cluster
 from tests.helpers import wait_until
-from tests.service import MkvService
 
 
 def put_rate(url: str, seconds: float, clients: int, tag: str) -> float:
@@ -52,10 +49,7 @@ def main() -> None:
     p.add_argument("--clients", type=int, default=8)
     p.add_argument("--rounds", type=int, default=2)
     args = p.parse_args()
-    tmp = Path(tempfile.mkdtemp(prefix="mkv-bench-"))
-    vols = [NginxVolume.start(tmp / f"v{i}") for i in range(3)]
-    svc = MkvService(tmp / "svc", [v.address for v in vols], replicas=3, workers=2).start()
-    try:
+    with local_cluster(3, replicas=3, workers=2) as (vols, svc):
         put_rate(svc.url, 2.0, args.clients, "warm")
         for r in range(args.rounds):
             before = put_rate(svc.url, args.seconds, args.clients, f"b{r}")
@@ -67,10 +61,6 @@ def main() -> None:
             after = put_rate(svc.url, args.seconds, args.clients, f"a{r}")
             print(f"round {r + 1}: {before:,.0f} PUT/s before the writer restart, "
                   f"{after:,.0f} after ({after / before:.2f})", flush=True)
-    finally:
-        svc.stop()
-        for v in vols:
-            v.stop()
 
 
 if __name__ == "__main__":

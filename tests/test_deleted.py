@@ -36,6 +36,7 @@ from tests.helpers import (
     volume_status,
     wait_until,
 )
+from tests.service import MkvService
 
 
 def placed_on(volumes: list[NginxVolume], target: NginxVolume, replicas: int, n: int,
@@ -44,6 +45,16 @@ def placed_on(volumes: list[NginxVolume], target: NginxVolume, replicas: int, n:
     ring = Config(volumes=tuple(v.address for v in volumes)).ring()
     keys = (f"{prefix}{i}" for i in range(10_000))
     return [k for k in keys if target.address in ring.place(k, replicas)][:n]
+
+
+def start_put(svc: MkvService, key: str, size: int, sent: int, byte: bytes) -> socket.socket:
+    """A PUT of `size` bytes of `byte` with only `sent` on the wire so far, once its
+    intent is recorded (the upload is under way); the caller sends the rest."""
+    sock = socket.create_connection(("127.0.0.1", svc.port))
+    sock.sendall(f"PUT {key} HTTP/1.1\r\nHost: x\r\nContent-Length: {size}\r\n\r\n".encode())
+    sock.sendall(byte * sent)
+    wait_until(lambda: any(k == key for k, *_ in pending_ops(svc)), 10, f"the intent of {key}")
+    return sock
 
 
 def freeze(vol: NginxVolume) -> None:
@@ -127,10 +138,7 @@ def test_a_worker_killed_between_upload_and_record_leaves_no_copy(volumes, make_
     svc = make_service(volumes, replicas=3, extra=FAST_HEALTH, workers=1)
     key = "/killed/between"
     size = 8 << 20
-    sock = socket.create_connection(("127.0.0.1", svc.port))
-    sock.sendall(f"PUT {key} HTTP/1.1\r\nHost: x\r\nContent-Length: {size}\r\n\r\n".encode())
-    sock.sendall(b"k" * (size - 1))  # all but the last byte: the volumes hold most of it
-    wait_until(lambda: any(k == key for k, *_ in pending_ops(svc)), 10, "the write's intent")
+    sock = start_put(svc, key, size, size - 1, b"k")  # all but the last byte
     (worker,) = [p for p in svc.pids("mkv serve") if p != svc.proc.pid]
     os.kill(worker, signal.SIGKILL)
     sock.close()
@@ -146,10 +154,7 @@ def test_a_writer_killed_between_intent_and_record(volumes, make_service) -> Non
     svc = make_service(volumes, replicas=3, extra=FAST_HEALTH, workers=1)
     key = "/writer-killed/between"
     size = 8 << 20
-    sock = socket.create_connection(("127.0.0.1", svc.port))
-    sock.sendall(f"PUT {key} HTTP/1.1\r\nHost: x\r\nContent-Length: {size}\r\n\r\n".encode())
-    sock.sendall(b"w" * (size // 2))
-    wait_until(lambda: any(k == key for k, *_ in pending_ops(svc)), 10, "the write's intent")
+    sock = start_put(svc, key, size, size // 2, b"w")
     (writer,) = svc.pids("mkv.writer")
     os.kill(writer, signal.SIGKILL)
     sock.sendall(b"w" * (size - size // 2))
@@ -169,10 +174,7 @@ def test_a_large_put_across_a_writer_restart_never_mixes_with_a_newer_put(volume
     svc = make_service(volumes, replicas=3, extra=FAST_HEALTH)
     key = "/straddle/key"
     size = 8 << 20
-    a = socket.create_connection(("127.0.0.1", svc.port))
-    a.sendall(f"PUT {key} HTTP/1.1\r\nHost: x\r\nContent-Length: {size}\r\n\r\n".encode())
-    a.sendall(b"A" * (size // 2))
-    wait_until(lambda: any(k == key for k, *_ in pending_ops(svc)), 10, "A's intent")
+    a = start_put(svc, key, size, size // 2, b"A")
     (writer,) = svc.pids("mkv.writer")
     os.kill(writer, signal.SIGKILL)
     wait_until(lambda: svc.pids("mkv.writer") and svc.pids("mkv.writer") != [writer], 15,
