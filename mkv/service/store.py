@@ -202,12 +202,14 @@ class Store:
                 # the writer queues the copies the record does not name for removal,
                 # and those of a delete this PUT replaces
                 self.writer.put(record, retry=True, new=True, intent=True)
-            except KeyLocked:
-                raise InFlight(key) from None
             except WriterError as exc:
-                if exc.code == "conflict":  # written by another PUT while the writer restarted
-                    raise InFlight(key) from None
-                raise
+                if exc.code not in ("conflict", "locked"):
+                    raise  # maybe committed (an answer lost): its copies are not touched
+                # refused for certain: another write got in while a writer restart had
+                # dropped this one's lock (or its intents were cleaned up meanwhile). Its
+                # own files go now, whatever became of its intents.
+                self._remove(key, gen, volumes)
+                raise InFlight(key) from None
             # the copies of the unlinked or deleted value this one replaces: removed now,
             # as a courtesy (other file names: no other write can use them); the writer
             # has queued them, so the health process makes sure of it
