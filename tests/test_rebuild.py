@@ -32,7 +32,7 @@ from mkv import keys
 from mkv.config import Config
 from mkv.index import schema
 from mkv.keys import key_hash, sidecar_body
-from mkv.model import Record, State
+from mkv.model import PendingOp, PendingState, Record, State
 from mkv.ring import Ring
 from mkv.tools import rebuild, scan
 from mkv.tools.scan import Candidate, KeyResolver, Kind, Leaf
@@ -715,8 +715,14 @@ def test_the_newest_generation_is_restored_and_older_ones_reported_superseded(
     try:
         got = {r[0]: tuple(r[1:]) for r in conn.execute(
             "SELECT key, state, volumes, size, md5, gen FROM keys")}
+        queued = set(conn.execute("SELECT key, gen, volume, op, state FROM pending"))
     finally:
         conn.close()
+    # the older writes' copies are due removals in the new index: the service's health
+    # process removes them once it runs on it
+    due = (int(PendingOp.REMOVE), int(PendingState.DUE))
+    assert queued == {("/twice", "", a, *due) for a in addresses} | {
+        ("/resurrected", old_gen, a, *due) for a in home[1:]}
     assert got == {
         "/twice": (int(State.LIVE), ",".join(ring.order("/twice")), len(new_value),
                    md5(new_value), new_gen),

@@ -40,7 +40,7 @@ import apsw
 from mkv import config as config_mod
 from mkv.config import Config
 from mkv.index import schema
-from mkv.model import Record
+from mkv.model import Pending, PendingOp, PendingState, Record
 from mkv.tools.progress import Progress
 from mkv.tools.scan import (
     Candidate,
@@ -145,6 +145,8 @@ class UnitResult:
     records: list[Record]
     problems: list[Problem]
     dirs: int
+    #: copies of older writes of a key (SUPERSEDED): queued for removal in the new index
+    superseded: list[Pending] = dataclasses.field(default_factory=list)
 
 
 class Scanner:
@@ -234,12 +236,17 @@ class Scanner:
             if rec is not None:
                 records.append(rec)
         # every generation of a key is in its leaf directory, hence in this unit
-        records, superseded = newest_per_key(records)
+        found = records
+        records, superseded = newest_per_key(found)
         problems += superseded
+        kept = set(records)
+        now = time.time()
+        older = [Pending(r.key, v, PendingOp.REMOVE, PendingState.DUE, now, r.gen)
+                 for r in found if r not in kept for v in r.volumes]
         with self.dead_lock:
             dead = set(self.dead)
         problems += replication_problems(records, self.cfg.replicas, self.ring, dead)
-        return UnitResult(records, problems, len(dirs))
+        return UnitResult(records, problems, len(dirs), older)
 
     def _read_sidecars(self, resolvers: list[KeyResolver]) -> None:
         """One read per key; more only where a sidecar turned out bad or unreadable."""
@@ -442,6 +449,7 @@ def rebuild(cfg: Config, db: str, *, force: bool = False, concurrency: int = DEF
         units: set[Future] = {pool.submit(scanner.unit, dirs[i:i + UNIT_DIRS])
                               for i in range(0, len(dirs), UNIT_DIRS)}
         batch: list[Record] = []
+        older: list[Pending] = []
         while units:
             finished, units = wait(units, timeout=show.interval, return_when=FIRST_COMPLETED)
             for fut in finished:
@@ -454,12 +462,13 @@ def rebuild(cfg: Config, db: str, *, force: bool = False, concurrency: int = DEF
                     stats.bytes += rec.size
                     stats.replica_bytes += rec.size * len(rec.volumes)
                 batch += out.records
+                older += out.superseded
             if len(batch) >= BATCH_ROWS:
-                stats.sqlite_s += _insert(conn, batch)
-                batch = []
+                stats.sqlite_s += _insert(conn, batch, older)
+                batch, older = [], []
             show.show(progress_line(stats, started, report.total))
         stats.scan_s = time.monotonic() - started
-        stats.sqlite_s += _insert(conn, batch)
+        stats.sqlite_s += _insert(conn, batch, older)
         show.show(progress_line(stats, started, report.total), force=True)
         show.end()
 
@@ -493,14 +502,17 @@ def rebuild(cfg: Config, db: str, *, force: bool = False, concurrency: int = DEF
     return Result(stats, report, dict(scanner.dead), db, written=written)
 
 
-def _insert(conn: apsw.Connection, records: list[Record]) -> float:
-    """One transaction; sorted by key so the B-tree fills mostly at its right edge."""
-    if not records:
+def _insert(conn: apsw.Connection, records: list[Record], superseded: list[Pending]) -> float:
+    """One transaction; sorted by key so the B-tree fills mostly at its right edge. The
+    superseded copies become due removals: the health process of the service that opens
+    this index removes them (docs/design.md, "Pending operations")."""
+    if not records and not superseded:
         return 0.0
     t = time.monotonic()
     records.sort(key=lambda r: r.key.encode())
     with conn:
         schema.write_records(conn, records)
+        schema.write_pending(conn, superseded)
     return time.monotonic() - t
 
 
