@@ -59,18 +59,22 @@ class WorkerStore:
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
         self._store: Store | None = None
-        self._pid = 0
+        self._lock = threading.Lock()
+        # a child forgets its parent's Store at the fork, so no request pays for the check
+        os.register_at_fork(after_in_child=self._forget)
+
+    def _forget(self) -> None:
+        self._store = None
         self._lock = threading.Lock()
 
     def __call__(self) -> Store:
         store = self._store
-        if store is not None and self._pid == os.getpid():
+        if store is not None:
             return store
         with self._lock:
-            if self._store is None or self._pid != os.getpid():
+            if self._store is None:
                 fd = os.environ.get(CHANGES_FD_ENV)
                 self._store = build_store(self.cfg, ChangeCount(int(fd)) if fd else None)
-                self._pid = os.getpid()
             return self._store
 
 

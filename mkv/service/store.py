@@ -186,10 +186,11 @@ class Store:
         # a name of its own for every write: two writes of a key never share a file
         gen = new_gen(time.time_ns(), os.urandom(3))
         current = self._lock(key, intend=volumes, gen=gen)
+        verdict = core.put_verdict(current)
         # the writer recorded intents unless the PUT is refused (403) or cannot be placed
-        intent_gen = gen if volumes is not None and core.put_verdict(current) is Verdict.PROCEED else ""
+        intent_gen = gen if volumes is not None and verdict is Verdict.PROCEED else ""
         try:
-            if core.put_verdict(current) is Verdict.EXISTS:
+            if verdict is Verdict.EXISTS:
                 raise KeyExists(key)
             if volumes is None:
                 raise unavailable
@@ -203,7 +204,7 @@ class Store:
                 # and those of a delete this PUT replaces
                 self.writer.put(record, retry=True, new=True, intent=True)
             except WriterError as exc:
-                if exc.code not in ("conflict", "locked"):
+                if not exc.refused:
                     raise  # maybe committed (an answer lost): its copies are not touched
                 # refused for certain: another write got in while a writer restart had
                 # dropped this one's lock (or its intents were cleaned up meanwhile). Its
@@ -368,7 +369,7 @@ class Store:
         try:
             return op(*args, **kw)
         except WriterError as exc:
-            if exc.code in ("conflict", "lock_lost", "locked"):
+            if exc.refused:
                 raise InFlight(key) from None
             raise
 

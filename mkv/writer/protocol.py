@@ -32,6 +32,13 @@ class WriterError(Exception):
         self.code = code
         self.detail = detail
 
+    @property
+    def refused(self) -> bool:
+        """Refused for certain because another write holds or changed the key (a lock
+        taken, a record that is not the one expected, a lock a writer restart took):
+        nothing of this request was committed."""
+        return self.code in ("conflict", "locked", "lock_lost")
+
 
 class KeyLocked(WriterError):
     """Another request holds the key's lock (a write to it is in flight)."""
