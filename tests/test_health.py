@@ -1,12 +1,18 @@
-"""Hysteresis of volume health and the supervisor, without a cluster."""
+"""Hysteresis of volume health, the supervisor, and the health process's clean-up work
+against a volume that never answers."""
 
 import sys
 import time
 
 import pytest
 
+from mkv.health.checker import HealthChecker
 from mkv.health.probe import ProbeState, observe
+from mkv.index import schema
+from mkv.index.reader import Reader
+from mkv.model import Pending, PendingOp, PendingState
 from mkv.service.supervise import Child, Supervisor
+from mkv.writer.server import serve_in_thread
 
 
 def run(results, fail=2, ok=2, start=None):
@@ -70,3 +76,26 @@ def test_supervisor_start_fails_loudly_when_a_child_is_never_ready():
         Supervisor([child]).start()
     child.proc.wait(5)  # the half-started child was killed, not left behind
     assert child.proc.returncode is not None
+
+
+def test_a_volume_that_fails_clean_up_work_counts_as_a_failed_probe_once(silent_volume, tmp_path):
+    """Three removals are due on a volume that accepts and never answers: the first one
+    times out, counts as a failed probe, and the other two are left for a later round
+    instead of each costing another timeout while the probes wait."""
+    db, sock = str(tmp_path / "i.db"), str(tmp_path / "w.sock")
+    server, thread = serve_in_thread(db, sock)
+    try:
+        conn = schema.open_index(db)
+        with conn:
+            schema.write_pending(conn, [Pending(f"/due/{i}", silent_volume.address, PendingOp.REMOVE,
+                                                PendingState.DUE, 1.0, "a1") for i in range(3)])
+        checker = HealthChecker(db, [silent_volume.address], interval=1.0, timeout=0.3,
+                                fail_count=2, ok_count=2, writer_socket=sock)
+        checker.record(silent_volume.address, True, 1.0, None)  # it answered a probe once
+        assert checker.finish_pending() == 0
+        state = checker.states[silent_volume.address]
+        assert state.fails == 1 and "clean-up" in state.error
+        assert len(Reader(conn).due_pending(0.0, [silent_volume.address])) == 3  # kept
+    finally:
+        server.stop()
+        thread.join(10)
