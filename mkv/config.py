@@ -56,6 +56,11 @@ class Config:
     health_fail_count: int = 2
     health_ok_count: int = 2
     log_level: str = "info"
+    log_format: str = "text"
+    access_log: str = "-"
+    max_list_limit: int = 10_000
+    list_rate: float = 100.0
+    list_burst: int = 200
 
     def __post_init__(self) -> None:
         if not self.writer_socket:
@@ -135,6 +140,16 @@ def build_parser(prog: str, description: str) -> configargparse.ArgumentParser:
     p.add_argument("--health-ok-count", type=int, default=d.health_ok_count,
                    help="good probes before a volume is up again")
     p.add_argument("--log-level", default=d.log_level, help="debug, info, warning, error")
+    p.add_argument("--log-format", default=d.log_format,
+                   help="text or json: the format of every mkv process's log lines")
+    p.add_argument("--access-log", default=d.access_log,
+                   help="where the service logs one line per request: - (stderr), a file, or off")
+    p.add_argument("--max-list-limit", type=int, default=d.max_list_limit,
+                   help="most keys one ?list or ?unlinked page answers")
+    p.add_argument("--list-rate", type=float, default=d.list_rate,
+                   help="?list and ?unlinked requests per second, for the whole service (0: no limit)")
+    p.add_argument("--list-burst", type=int, default=d.list_burst,
+                   help="list requests allowed at once above list-rate")
     return p
 
 
@@ -175,6 +190,21 @@ def validate(ns: configargparse.Namespace, *, need_volumes: bool = True) -> Conf
         problems.append("synchronous: must be NORMAL, FULL, EXTRA or OFF")
     if ns.log_level.lower() not in ("debug", "info", "warning", "error", "critical"):
         problems.append("log-level: must be debug, info, warning, error or critical")
+    log_format = str(ns.log_format).lower()
+    if log_format not in ("text", "json"):
+        problems.append("log-format: must be text or json")
+    if not ns.access_log:
+        problems.append("access-log: must be -, off or a file path")
+    elif ns.access_log not in ("-", "off"):
+        log_dir = Path(ns.access_log).resolve().parent
+        if not log_dir.is_dir():
+            problems.append(f"access-log: directory {log_dir} does not exist")
+    if ns.max_list_limit < 1:
+        problems.append("max-list-limit: must be at least 1")
+    if ns.list_rate < 0:
+        problems.append("list-rate: must not be negative (0 turns the limit off)")
+    if ns.list_burst < 1:
+        problems.append("list-burst: must be at least 1")
     db_dir = Path(ns.db).resolve().parent
     if not db_dir.is_dir():
         problems.append(f"db: directory {db_dir} does not exist")
@@ -192,7 +222,7 @@ def validate(ns: configargparse.Namespace, *, need_volumes: bool = True) -> Conf
     if problems:
         raise ConfigError(problems)
     derived = {"volumes": tuple(volumes), "synchronous": synchronous,
-               "log_level": ns.log_level.lower()}
+               "log_level": ns.log_level.lower(), "log_format": log_format}
     return Config(**{f.name: derived.get(f.name, getattr(ns, f.name, None))
                      for f in dataclasses.fields(Config)})
 
