@@ -13,7 +13,7 @@ import dataclasses
 import hashlib
 import json
 import wsgiref.validate
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import quote
 
@@ -65,10 +65,6 @@ class FakeReader:
         keys = self._keys(prefix, start, state)
         return keys[:limit], keys[limit] if len(keys) > limit else ""
 
-    def iter_keys(self, prefix: str, start: str, state: State) -> Iterator[str]:
-        self.calls.append(("iter_keys", prefix, start, state))
-        yield from self._keys(prefix, start, state)
-
     def health(self) -> dict[str, HealthRow]:
         return dict(self.rows)
 
@@ -87,7 +83,7 @@ class FakeWriter:
 
 class FakeStore:
     """What create_app calls on a Store: put, delete, unlink, locate, balanced, health,
-    reader (list_keys, iter_keys, health) and writer.ping."""
+    reader (list_keys, health) and writer.ping."""
 
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
@@ -489,7 +485,7 @@ def test_list_answers_every_live_key_under_the_prefix(client: TestClient, fake: 
     assert r.status_code == 200
     assert r.headers["Content-Type"].startswith("application/json")
     assert r.json == {"next": "", "keys": sorted(inside, key=str.encode)}
-    assert fake.reader.calls == [("iter_keys", "/p/", "", State.LIVE)]
+    assert fake.reader.calls == [("list_keys", "/p/", "", 10_000, State.LIVE)]
 
 
 def test_list_of_an_empty_prefix_is_an_empty_list(client: TestClient) -> None:
@@ -529,8 +525,42 @@ def test_unlinked_lists_only_unlinked_keys(client: TestClient, fake: FakeStore) 
     stored(fake, "/u/b", state=State.UNLINKED)
     assert client.simulate_get("/u/?unlinked").json == {"next": "", "keys": ["/u/a", "/u/b"]}
     assert client.simulate_get("/u/?unlinked&limit=1").json == {"next": "/u/b", "keys": ["/u/a"]}
-    assert fake.reader.calls == [("iter_keys", "/u/", "", State.UNLINKED),
+    assert fake.reader.calls == [("list_keys", "/u/", "", 10_000, State.UNLINKED),
                                  ("list_keys", "/u/", "", 1, State.UNLINKED)]
+
+
+def test_a_page_never_exceeds_max_list_limit(tmp_path: Path, fake: FakeStore) -> None:
+    client = client_for(config(tmp_path, max_list_limit=3), fake)
+    keys = [f"/m/{i}" for i in range(7)]
+    for key in keys:
+        stored(fake, key)
+    # no limit: a page of max-list-limit and a next, not the whole prefix
+    assert client.simulate_get("/m/?list").json == {"next": "/m/3", "keys": keys[:3]}
+    # a larger limit is capped, a smaller one kept
+    doc = client.simulate_get("/m/?list&limit=100&start=/m/3").json
+    assert doc == {"next": "/m/6", "keys": keys[3:6]}
+    assert client.simulate_get("/m/?list&limit=2").json == {"next": "/m/2", "keys": keys[:2]}
+
+
+def test_listings_over_the_rate_get_429_with_retry_after(tmp_path: Path, fake: FakeStore) -> None:
+    client = client_for(config(tmp_path, list_rate=0.5, list_burst=2), fake)
+    stored(fake, "/r/k")
+    stored(fake, "/other")
+    answers = [client.simulate_get("/r/?list") for _ in range(4)]
+    assert [r.status_code for r in answers] == [200, 200, 429, 429]
+    limited = answers[2]
+    assert limited.json["error"] == "rate_limited"
+    assert limited.headers["Content-Type"].startswith("application/json")
+    assert 1 <= int(limited.headers["Retry-After"]) <= 2  # a token every 2 s
+    assert client.simulate_get("/u/?unlinked").status_code == 429  # the same bucket
+    # key requests never meet the bucket
+    assert client.simulate_get("/other").status_code == 302
+    assert client.simulate_put("/r/new", body=b"v").status_code == 201
+
+
+def test_list_rate_0_is_no_limit(tmp_path: Path, fake: FakeStore) -> None:
+    client = client_for(config(tmp_path, list_rate=0, list_burst=1), fake)
+    assert all(client.simulate_get("/?list").status_code == 200 for _ in range(50))
 
 
 @pytest.mark.parametrize("target", [

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 
 import apsw
 
@@ -73,14 +73,6 @@ class Reader:
         if len(keys) > limit:
             return keys[:limit], keys[limit]
         return keys, ""
-
-    def iter_keys(self, prefix: str, start: str, state: State, page: int = 1000) -> Iterator[str]:
-        """Every key under `prefix`, fetched a page at a time so memory stays bounded."""
-        while True:
-            keys, start = self.list_keys(prefix, start, page, state)
-            yield from keys
-            if not start:
-                return
 
     def health(self) -> dict[str, HealthRow]:
         with self._lock:

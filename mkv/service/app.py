@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import falcon
 
@@ -22,6 +23,7 @@ from mkv.core import Health
 from mkv.keys import BadKey, check_key
 from mkv.service import metrics
 from mkv.service.query import BadQuery, ListQuery, parse_query, request_target
+from mkv.service.ratelimit import ListLimiter
 from mkv.service.store import (
     BadDigest,
     ClientGone,
@@ -96,9 +98,10 @@ class KeyResource:
     """Every path that is not /-/...: key writes and prefix listings. A GET or HEAD of
     a key never gets here: FastReads answers it before the framework is called."""
 
-    def __init__(self, cfg: Config, store: Callable[[], Store]) -> None:
+    def __init__(self, cfg: Config, store: Callable[[], Store], limiter: ListLimiter) -> None:
         self.cfg = cfg
         self.store = store
+        self.limiter = limiter
 
     def __call__(self, req: falcon.Request, resp: falcon.Response, **_: str) -> None:
         started = time.perf_counter()
@@ -163,20 +166,19 @@ class KeyResource:
 
     def _list(self, req: falcon.Request, resp: falcon.Response, prefix: str,
               q: ListQuery) -> None:
-        reader = self.store().reader
-        resp.content_type = falcon.MEDIA_JSON
-        if q.limit is not None:
-            keys, nxt = reader.list_keys(prefix, q.start, q.limit, q.state)
-            resp.text = json.dumps({"next": nxt, "keys": keys}, ensure_ascii=False)
+        """One page of at most `max-list-limit` keys, also when no limit is asked for:
+        a client pages on through `next` (minikeyvalue's clients do already)."""
+        wait = self.limiter.wait()
+        if wait > 0:
+            resp.set_header("Retry-After", str(max(1, math.ceil(wait))))
+            error_body(resp, falcon.HTTP_429, "rate_limited",
+                       f"more than {self.cfg.list_rate:g} listings per second; "
+                       f"retry in {wait:.2f} s")
             return
-
-        def stream() -> Iterator[bytes]:
-            yield b'{"next": "", "keys": ['
-            for i, key in enumerate(reader.iter_keys(prefix, q.start, q.state)):
-                yield (", " if i else "").encode() + json.dumps(key, ensure_ascii=False).encode()
-            yield b"]}"
-
-        resp.stream = stream()
+        limit = min(q.limit or self.cfg.max_list_limit, self.cfg.max_list_limit)
+        keys, nxt = self.store().reader.list_keys(prefix, q.start, limit, q.state)
+        resp.content_type = falcon.MEDIA_JSON
+        resp.text = json.dumps({"next": nxt, "keys": keys}, ensure_ascii=False)
 
 
 class HealthResource:
@@ -273,13 +275,17 @@ def unknown_service_path(req: falcon.Request, resp: falcon.Response, **_: str) -
     error_body(resp, falcon.HTTP_404, "not_found", f"no such service path {req.path}")
 
 
-def create_app(cfg: Config, store: Callable[[], Store]) -> FastReads:
-    """The WSGI app. `store` is called per request and builds the worker's Store lazily."""
+def create_app(cfg: Config, store: Callable[[], Store], limiter: ListLimiter | None = None
+               ) -> FastReads:
+    """The WSGI app. `store` is called per request and builds the worker's Store lazily;
+    `limiter` is the service's shared list bucket (a bucket of the app's own if None)."""
     # no default media type: every answer with a body names its own, one without has none
     app = falcon.App(media_type=None)
     app.add_route("/-/health", HealthResource(cfg, store))
     app.add_route("/-/metrics", MetricsResource())
-    app.add_sink(KeyResource(cfg, store), prefix="/")
+    if limiter is None:
+        limiter = ListLimiter(cfg.list_rate, cfg.list_burst)
+    app.add_sink(KeyResource(cfg, store, limiter), prefix="/")
     app.add_sink(unknown_service_path, prefix="/-/")  # added later: checked first
 
     def on_error(req: falcon.Request, resp: falcon.Response, ex: Exception, params: dict) -> None:

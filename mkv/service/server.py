@@ -25,7 +25,7 @@ from mkv.health.reporter import FailureReporter, health_socket_path
 from mkv.index import schema
 from mkv.index.cache import ChangeCount, RecordCache
 from mkv.index.reader import Reader
-from mkv.service import metrics
+from mkv.service import metrics, ratelimit
 from mkv.service.app import create_app
 from mkv.service.store import Store
 from mkv.service.supervise import Child, Supervisor
@@ -37,6 +37,8 @@ log = logging.getLogger("mkv.server")
 #: The master hands the workers the shared change count's descriptor in this variable
 #: (they inherit both across the fork), so the app needs no module-level state.
 CHANGES_FD_ENV = "MKV_CHANGES_FD"
+#: ... and the list requests' token bucket (mkv.service.ratelimit), shared the same way.
+LIST_BUCKET_FD_ENV = "MKV_LIST_BUCKET_FD"
 
 
 def build_store(cfg: Config, changes: ChangeCount | None) -> Store:
@@ -80,7 +82,9 @@ class WorkerStore:
 
 def worker_app(cfg: Config) -> Any:
     """The WSGI app a worker serves."""
-    return create_app(cfg, WorkerStore(cfg))
+    fd = os.environ.get(LIST_BUCKET_FD_ENV)
+    limiter = ratelimit.ListLimiter(cfg.list_rate, cfg.list_burst, int(fd) if fd else None)
+    return create_app(cfg, WorkerStore(cfg), limiter)
 
 
 def children(cfg: Config, changes: ChangeCount) -> list[Child]:
@@ -115,6 +119,7 @@ class Hooks:
         """Master, before forking workers: start and supervise the writer and health."""
         changes = ChangeCount.create()
         os.environ[CHANGES_FD_ENV] = str(changes.fd)  # inherited by every worker
+        os.environ[LIST_BUCKET_FD_ENV] = str(ratelimit.create())
         self.supervisor = Supervisor(children(self.cfg, changes))
         self.supervisor.start()
 
