@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
         # imported only now: prometheus_client must see the metrics directory first
         from mkv.service.server import serve
 
-        return serve(cfg)
+        return serve(cfg, rest)
     if command == "volume":
         from mkv.volumes import nginx
 

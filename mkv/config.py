@@ -227,6 +227,22 @@ def validate(ns: configargparse.Namespace, *, need_volumes: bool = True) -> Conf
                      for f in dataclasses.fields(Config)})
 
 
+def parse(
+    argv: Sequence[str] | None,
+    prog: str = "mkv",
+    description: str = "mkv",
+    *,
+    extend: Callable[[configargparse.ArgumentParser], None] | None = None,
+    need_volumes: bool = True,
+) -> tuple[Config, configargparse.Namespace]:
+    """Parse and validate, raising ConfigError with every problem (a reload must not exit)."""
+    parser = build_parser(prog, description)
+    if extend is not None:
+        extend(parser)
+    ns = parser.parse_args(argv)
+    return validate(ns, need_volumes=need_volumes), ns
+
+
 def load(
     argv: Sequence[str] | None,
     prog: str = "mkv",
@@ -236,12 +252,8 @@ def load(
     need_volumes: bool = True,
 ) -> tuple[Config, configargparse.Namespace]:
     """Parse and validate; on a bad configuration print each problem and exit 2."""
-    parser = build_parser(prog, description)
-    if extend is not None:
-        extend(parser)
-    ns = parser.parse_args(argv)
     try:
-        return validate(ns, need_volumes=need_volumes), ns
+        return parse(argv, prog, description, extend=extend, need_volumes=need_volumes)
     except ConfigError as exc:
         for problem in exc.problems:
             print(f"{prog}: config: {problem}", file=sys.stderr)

@@ -9,11 +9,14 @@ health processes before any worker exists and stops them after the workers have 
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 import os
 import signal
 import sys
 import threading
+from collections.abc import Sequence
 from typing import Any
 
 from gunicorn.app.base import BaseApplication
@@ -25,12 +28,13 @@ from mkv.health.reporter import FailureReporter, health_socket_path
 from mkv.index import schema
 from mkv.index.cache import ChangeCount, RecordCache
 from mkv.index.reader import Reader
-from mkv.service import metrics, ratelimit
+from mkv.service import metrics, ratelimit, reload
 from mkv.service.app import create_app
 from mkv.service.store import Store
 from mkv.service.supervise import Child, Supervisor
 from mkv.volumes.pool import Pool
 from mkv.writer.client import WriterClient, wait_ready
+from mkv.writer.protocol import WriterError
 
 log = logging.getLogger("mkv.server")
 
@@ -39,6 +43,8 @@ log = logging.getLogger("mkv.server")
 CHANGES_FD_ENV = "MKV_CHANGES_FD"
 #: ... and the list requests' token bucket (mkv.service.ratelimit), shared the same way.
 LIST_BUCKET_FD_ENV = "MKV_LIST_BUCKET_FD"
+#: ... and the configuration in force, as JSON (changed by a reload): Hooks.publish_config.
+CONFIG_ENV = "MKV_SERVE_CONFIG"
 
 
 def build_store(cfg: Config, changes: ChangeCount | None) -> Store:
@@ -109,19 +115,50 @@ def children(cfg: Config, changes: ChangeCount) -> list[Child]:
 
 
 class Hooks:
-    """gunicorn's server hooks for one service; holds what the master starts."""
+    """gunicorn's server hooks for one service; holds what the master starts, and the
+    configuration in force (changed by a SIGHUP: docs/design.md, "Reload")."""
 
-    def __init__(self, cfg: Config) -> None:
+    def __init__(self, cfg: Config, argv: Sequence[str] = ()) -> None:
         self.cfg = cfg
+        self.argv = list(argv)  # `mkv serve`'s flags, read again with the file on SIGHUP
         self.supervisor: Supervisor | None = None
+        self.changes: ChangeCount | None = None
 
     def on_starting(self, server: Any) -> None:
         """Master, before forking workers: start and supervise the writer and health."""
-        changes = ChangeCount.create()
-        os.environ[CHANGES_FD_ENV] = str(changes.fd)  # inherited by every worker
+        self.changes = ChangeCount.create()
+        os.environ[CHANGES_FD_ENV] = str(self.changes.fd)  # inherited by every worker
         os.environ[LIST_BUCKET_FD_ENV] = str(ratelimit.create())
-        self.supervisor = Supervisor(children(self.cfg, changes))
+        publish_config(self.cfg)
+        self.supervisor = Supervisor(children(self.cfg, self.changes))
         self.supervisor.start()
+
+    def on_reload(self, server: Any) -> None:
+        """Master, on SIGHUP, before gunicorn starts the new workers (and gracefully stops
+        the old ones): read the configuration again and apply what may change."""
+        result = reload.read(self.argv, self.cfg)
+        if result is not None:
+            self.apply(server, result.config)
+
+    def apply(self, server: Any, new: Config) -> None:
+        old, self.cfg = self.cfg, new
+        # the workers gunicorn forks next are built from these (MkvApplication.load, wsgi.py)
+        publish_config(new)
+        server.cfg.set("workers", new.workers)
+        server.cfg.set("threads", new.threads)
+        server.num_workers = new.workers
+        logging.getLogger().setLevel(new.log_level.upper())
+        if self.supervisor is None or self.changes is None:
+            return
+        if (old.synchronous, old.log_level) != (new.synchronous, new.log_level):
+            try:
+                WriterClient(new.writer_socket, timeout=5).configure(new.synchronous, new.log_level)
+            except WriterError as exc:  # restarting: it starts with the new argv below
+                log.warning("reload: the writer did not take the new settings now: %s", exc)
+        writer, health = children(new, self.changes)
+        self.supervisor.reconfigure("writer", writer.argv, restart=False)
+        # the health process probes the new volume list at once
+        self.supervisor.reconfigure("health", health.argv, restart=True)
 
     def post_worker_init(self, worker: Any) -> None:
         """Workers leave Ctrl-C to the master, which stops them with SIGQUIT.
@@ -141,9 +178,24 @@ class Hooks:
             self.supervisor.stop()
 
 
-def gunicorn_settings(cfg: Config) -> dict[str, Any]:
+def publish_config(cfg: Config) -> None:
+    """The configuration in force, for workers that read their own (plain gunicorn's
+    mkv.service.wsgi): after a reload it is the master's decision, not the raw file."""
+    os.environ[CONFIG_ENV] = json.dumps(dataclasses.asdict(cfg))
+
+
+def published_config() -> Config | None:
+    """The master's configuration in force, if this process was forked by one."""
+    text = os.environ.get(CONFIG_ENV)
+    if not text:
+        return None
+    fields = json.loads(text)
+    return Config(**{**fields, "volumes": tuple(fields["volumes"])})
+
+
+def gunicorn_settings(cfg: Config, hooks: Hooks | None = None) -> dict[str, Any]:
     """Everything gunicorn needs, shared by `mkv serve` and the gunicorn config file."""
-    hooks = Hooks(cfg)
+    hooks = hooks if hooks is not None else Hooks(cfg)
     settings = {
         "bind": [f"{cfg.bind}:{cfg.port}"],
         "workers": cfg.workers,
@@ -157,6 +209,7 @@ def gunicorn_settings(cfg: Config) -> dict[str, Any]:
         "errorlog": "-",
         "proc_name": "mkv",
         "on_starting": hooks.on_starting,
+        "on_reload": hooks.on_reload,
         "post_worker_init": hooks.post_worker_init,
         "child_exit": hooks.child_exit,
         "on_exit": hooks.on_exit,
@@ -170,21 +223,23 @@ def gunicorn_settings(cfg: Config) -> dict[str, Any]:
 class MkvApplication(BaseApplication):
     """gunicorn run in-process by `mkv serve`, configured from our Config."""
 
-    def __init__(self, cfg: Config) -> None:
-        self.cfg_mkv = cfg
+    def __init__(self, cfg: Config, argv: Sequence[str] = ()) -> None:
+        self.hooks = Hooks(cfg, argv)
         super().__init__()
 
     def load_config(self) -> None:
-        for name, value in gunicorn_settings(self.cfg_mkv).items():
+        # on a reload too: the settings in force now; the on_reload hook then applies
+        # the new configuration before gunicorn forks the new workers
+        for name, value in gunicorn_settings(self.hooks.cfg, self.hooks).items():
             self.cfg.set(name, value)
 
     def load(self) -> Any:
-        return worker_app(self.cfg_mkv)
+        return worker_app(self.hooks.cfg)
 
 
-def serve(cfg: Config) -> int:
+def serve(cfg: Config, argv: Sequence[str] = ()) -> int:
     """`mkv serve`: the caller has set up the metrics directory (mkv.service.metricsdir)."""
     logging.basicConfig(level=cfg.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s [%(process)d] [%(name)s] %(levelname)s %(message)s")
-    MkvApplication(cfg).run()
+    MkvApplication(cfg, argv).run()
     return 0

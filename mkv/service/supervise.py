@@ -124,3 +124,16 @@ class Supervisor:
             for child in reversed(self.children):
                 child.stop()
                 log.info("%s stopped", child.name)
+
+    def reconfigure(self, name: str, argv: list[str], restart: bool) -> None:
+        """Start child `name` with `argv` from now on; with `restart`, at once (stopped
+        first, then started: the same as a crash and restart, only without the wait)."""
+        with self._lock:
+            for child in self.children:
+                if child.name != name or child.argv == argv:
+                    continue
+                child.argv = argv
+                if restart and not self._stop.is_set():
+                    child.stop()
+                    child.start()
+                    log.info("%s restarted with the new configuration (pid %d)", name, child.proc.pid)

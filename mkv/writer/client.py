@@ -184,6 +184,10 @@ class WriterClient:
     def bulk(self, recs: list[Record]) -> int:
         return self.call(op="bulk", records=[record_to_wire(r) for r in recs])["count"]
 
+    def configure(self, synchronous: str, log_level: str) -> None:
+        """A running writer takes the reloaded durability and log level."""
+        self.call(op="configure", synchronous=synchronous, log_level=log_level)
+
     def ping(self) -> dict:
         return self.call(op="ping")
 

@@ -88,6 +88,7 @@ class WriterServer:
         self.commits = 0
         self.committed_ops = 0
         self.started = time.time()
+        self._synchronous = ""  # a reload's new setting, applied after the batch
         self.listener = self._listen(socket_path)
         self.sel.register(self.listener, selectors.EVENT_READ, None)
         # `stop` writes a byte here so the loop ends now, not at the next select timeout
@@ -120,6 +121,10 @@ class WriterServer:
                     self._read(skey.data, batch)
             if batch:
                 self._run_batch(batch)
+            if self._synchronous:
+                self.db.execute(f"PRAGMA synchronous={self._synchronous}")
+                log.info("synchronous is now %s", self._synchronous)
+                self._synchronous = ""
         self.close()
 
     def stop(self) -> None:
@@ -400,6 +405,19 @@ class WriterServer:
                 raise WriterError("conflict", req["key"])
         schema.write_delete(self.db, req["key"])
         return self._done(conn, req)
+
+    def _op_configure(self, conn: _Conn, req: dict) -> tuple[dict, None, int]:
+        """Settings a reload of the service changes in a running writer (docs/design.md,
+        "Reload"): the index's durability and the log level."""
+        synchronous = str(req.get("synchronous", "")).upper()
+        if synchronous:
+            if synchronous not in ("OFF", "NORMAL", "FULL", "EXTRA"):
+                raise WriterError("bad_request", f"synchronous {synchronous!r}")
+            self._synchronous = synchronous  # set between batches: never inside a transaction
+        level = str(req.get("log_level", "")).upper()
+        if level:
+            logging.getLogger().setLevel(level)
+        return {"ok": True}, None, 0
 
     def _op_held(self, conn: _Conn, req: dict) -> tuple[dict, None, int]:
         """Does this connection still hold the key's lock? (not_locked if not): asked
