@@ -18,6 +18,8 @@ RESERVED_PREFIX = "/-/"
 
 
 _CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
+#: A "." or ".." segment, with "/" or "\\" around it (or at either end).
+_DOT_SEGMENT = re.compile(r"(?:^|[/\\])\.{1,2}(?=$|[/\\])")
 
 
 class BadKey(ValueError):
@@ -53,6 +55,20 @@ def check_key(key: str, max_key_bytes: int, *, prefix: bool = False) -> str:
         raise BadKey("key contains control characters")
     if key.startswith(RESERVED_PREFIX) or key == RESERVED_PREFIX.rstrip("/"):
         raise BadKey(f"keys under {RESERVED_PREFIX} are reserved")
+    return key
+
+
+def check_new_key(key: str, max_key_bytes: int) -> str:
+    """`check_key`, and for a key about to be written also no "." or ".." segment.
+
+    HTTP clients and proxies resolve dot segments before a request leaves (RFC 3986),
+    so such a key could not be named again reliably, and it reads as path traversal
+    (its files are named by its hash, so it could never leave a volume root). Backslashes
+    count as separators here too. Keys written before this rule stay readable.
+    """
+    check_key(key, max_key_bytes)
+    if _DOT_SEGMENT.search(key):
+        raise BadKey('key has a "." or ".." path segment')
     return key
 
 

@@ -363,3 +363,15 @@ def test_pending_operations_tell_generations_apart():
 
 def test_orphan_grace_outlasts_a_stalled_volume_and_client():
     assert core.orphan_grace(10.0, 30.0) == 400.0
+
+
+@pytest.mark.parametrize("key", ["/../x", "/a/..", "/./x", "/a/./b", "/..\\x", "/a\\..\\b", "/a/.."])
+def test_a_key_to_write_has_no_dot_segment(key: str) -> None:
+    assert keys.check_key(key, 1024) == key  # still a key to read or delete
+    with pytest.raises(keys.BadKey, match="segment"):
+        keys.check_new_key(key, 1024)
+
+
+@pytest.mark.parametrize("key", ["/.hidden", "/a..b", "/...", "/a/.x/", "/..x", "/x.", "/a/b"])
+def test_dots_that_are_not_segments_may_be_written(key: str) -> None:
+    assert keys.check_new_key(key, 1024) == key

@@ -20,7 +20,7 @@ import falcon
 from mkv import core
 from mkv.config import Config
 from mkv.core import Health
-from mkv.keys import BadKey, check_key
+from mkv.keys import BadKey, check_key, check_new_key
 from mkv.service import metrics
 from mkv.service.query import BadQuery, ListQuery, parse_query, request_target
 from mkv.service.ratelimit import ListLimiter
@@ -134,7 +134,10 @@ class KeyResource:
                 raise BadQuery(f"?list and ?unlinked are for GET, not {req.method}")
             self._list(req, resp, check_key(key, self.cfg.max_key_bytes, prefix=True), listing)
             return
-        key = check_key(key, self.cfg.max_key_bytes)
+        if req.method == "PUT":
+            key = check_new_key(key, self.cfg.max_key_bytes)
+        else:
+            key = check_key(key, self.cfg.max_key_bytes)
         getattr(self, "_" + req.method.lower())(req, resp, key)
 
     def _put(self, req: falcon.Request, resp: falcon.Response, key: str) -> None:
