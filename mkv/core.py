@@ -74,6 +74,8 @@ def balanced(record: Record, ring: Ring, replicas: int) -> bool:
 class Redirect:
     location: str
     volume: str | None
+    #: the URI on the volume (prefix and blob path), which a signed redirect signs
+    path: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,13 +91,22 @@ class Unavailable:
 ReadTarget = Redirect | NotFound | Unavailable
 
 
+def volume_url(volume: str, public: Mapping[str, str]) -> tuple[str, str]:
+    """(base URL, path prefix) of a volume as clients reach it: its public URL if one is
+    configured (scheme://host[:port], for the volume's host:port), else http://host:port."""
+    hostport, _, prefix = volume.partition("/")
+    return public.get(volume) or f"http://{hostport}", "/" + prefix if prefix else ""
+
+
 def read_target(key: str, record: Record | None, health: HealthMap, fallback: str = "",
-                spread: int = 0) -> ReadTarget:
+                spread: int = 0, public: Mapping[str, str] | None = None) -> ReadTarget:
     """Where a GET of `key` should go.
 
     Prefer replicas in ring order, skipping down volumes; when several are up,
     `spread` (any integer, e.g. a per-request counter) rotates among them so one
-    volume does not take every read of a hot key.
+    volume does not take every read of a hot key. `public` maps a volume to the base
+    URL clients are sent to (docs/design.md, "Placement"); mkv itself always talks to
+    the volume's address.
     """
     if record is None or record.state is not State.LIVE:
         if fallback and record is None:
@@ -106,7 +117,9 @@ def read_target(key: str, record: Record | None, health: HealthMap, fallback: st
     if not candidates:
         return Unavailable("every replica's volume is down")
     volume = candidates[spread % len(candidates)]
-    return Redirect(f"http://{volume}{blob_path(key, record.gen)}", volume)
+    base, prefix = volume_url(volume, public or {})
+    path = prefix + blob_path(key, record.gen)
+    return Redirect(base + path, volume, path)
 
 
 # --- writes ----------------------------------------------------------------------------

@@ -121,6 +121,18 @@ def test_read_target_redirects_to_first_healthy_replica():
     assert t.volume == "b:2"
 
 
+def test_read_target_sends_clients_to_a_public_url_with_the_volume_path():
+    r = dataclasses.replace(rec(), volumes=("a:1/d1", "b:2"), gen="abc")
+    public = {"a:1/d1": "https://vol-a.example.com", "b:2": "http://10.9.9.9:8080"}
+    t = core.read_target("/k", r, {}, public=public)
+    assert t.path == "/d1" + keys.blob_path("/k", "abc")
+    assert t.location == "https://vol-a.example.com" + t.path and t.volume == "a:1/d1"
+    t = core.read_target("/k", r, {"a:1/d1": Health.DOWN}, public=public)
+    assert t.location == "http://10.9.9.9:8080" + keys.blob_path("/k", "abc")
+    # no public URL: the address mkv uses
+    assert core.read_target("/k", r, {}).location == "http://a:1/d1" + keys.blob_path("/k", "abc")
+
+
 def test_read_target_spreads_over_up_replicas():
     r = rec()
     up = {v: Health.UP for v in r.volumes}
