@@ -363,3 +363,9 @@ def test_pending_operations_tell_generations_apart():
 
 def test_orphan_grace_outlasts_a_stalled_volume_and_client():
     assert core.orphan_grace(10.0, 30.0) == 400.0
+
+
+def test_can_read_needs_the_index_and_one_volume_not_down():
+    assert core.can_read(True, ["a:1"])
+    assert not core.can_read(True, [])
+    assert not core.can_read(False, ["a:1", "b:2", "c:3"])
