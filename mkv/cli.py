@@ -24,7 +24,11 @@ def main(argv: list[str] | None = None) -> int:
     command, rest = argv[0], argv[1:]
     if command == "serve":
         cfg, _ = config_mod.load(rest, prog="mkv serve", description="Run the mkv service.")
-        metricsdir.share_between_workers()
+        try:
+            metricsdir.share_between_workers(cfg.db)
+        except (metricsdir.MetricsDirBusy, OSError) as exc:
+            print(f"mkv serve: {exc}", file=sys.stderr)
+            return 1
         # imported only now: prometheus_client must see the metrics directory first
         from mkv.service.server import serve
 

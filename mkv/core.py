@@ -304,8 +304,14 @@ def distinct_domains(volumes: Sequence[str]) -> int:
 
 
 def can_write(usable_volumes: Sequence[str], writer_up: bool, replicas: int) -> bool:
-    """/-/health's answer: a PUT can succeed (the writer answers, R failure domains usable)."""
+    """/-/health's `writable`: a PUT can succeed (the writer answers, R failure domains usable)."""
     return writer_up and distinct_domains(usable_volumes) >= replicas
+
+
+def can_read(index_readable: bool, usable_volumes: Sequence[str]) -> bool:
+    """/-/health's `readable`, its 200: a GET can be answered (the index answers) and a
+    stored value can be redirected to somewhere (a volume is not down)."""
+    return index_readable and len(usable_volumes) > 0
 
 
 # --- volume failures -------------------------------------------------------------------

@@ -50,7 +50,7 @@ class MkvService:
 
     def start(self, timeout: float = 20.0) -> MkvService:
         self.port = free_port()
-        # temporary files (the metrics directory) in the workdir: a killed master's stay there
+        # temporary files in the workdir (the metrics directory is beside the index: db)
         env = {**os.environ, "TMPDIR": str(self.workdir), **self.env}
         env.pop("PROMETHEUS_MULTIPROC_DIR", None)
         with self.log.open("ab") as log:

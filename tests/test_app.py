@@ -12,19 +12,22 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import time
 import wsgiref.validate
 from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import quote
 
+import apsw
 import pytest
 from falcon.testing import Result, TestClient
 from prometheus_client import REGISTRY
+from prometheus_client.parser import text_string_to_metric_families
 
 from mkv import core
 from mkv.config import Config
 from mkv.core import Health
-from mkv.model import HealthRow, Record, State
+from mkv.model import HealthRow, PendingOp, PendingState, Record, State
 from mkv.service.app import KEY_METHODS, create_app
 from mkv.service.store import (
     BadDigest,
@@ -48,11 +51,15 @@ pytestmark = pytest.mark.filterwarnings("ignore:Unknown REQUEST_METHOD")
 
 
 class FakeReader:
-    """Store.reader: listings from the fake's records, published health rows."""
+    """Store.reader: listings from the fake's records, published health rows, the counts
+    kept by the index's triggers."""
 
     def __init__(self, records: dict[str, Record]) -> None:
         self.records = records
         self.rows: dict[str, HealthRow] = {}
+        self.stats: dict[State, tuple[int, int]] = {s: (0, 0) for s in State}
+        self.pending: dict[tuple[PendingOp, PendingState], int] = {}
+        self.error: Exception | None = None  # raised by health(): an unreadable index
         self.calls: list[tuple] = []
 
     def _keys(self, prefix: str, start: str, state: State) -> list[str]:
@@ -66,7 +73,15 @@ class FakeReader:
         return keys[:limit], keys[limit] if len(keys) > limit else ""
 
     def health(self) -> dict[str, HealthRow]:
+        if self.error is not None:
+            raise self.error
         return dict(self.rows)
+
+    def key_stats(self) -> dict[State, tuple[int, int]]:
+        return dict(self.stats)
+
+    def pending_stats(self) -> dict[tuple[PendingOp, PendingState], int]:
+        return dict(self.pending)
 
 
 class FakeWriter:
@@ -615,6 +630,8 @@ def test_health_is_200_when_writes_can_be_taken(client: TestClient, fake: FakeSt
     assert r.headers["Content-Type"].startswith("application/json")
     doc = r.json
     assert doc["status"] == "ok" and doc["replicas"] == 3 and isinstance(doc["pid"], int)
+    assert doc["readable"] is True and doc["writable"] is True
+    assert doc["index"] == {"readable": True}
     assert doc["writer"] == {"up": True, "pid": 4242, "commits": 7, "committed_ops": 9,
                              "locks": 1}
     assert doc["volumes"] == [
@@ -626,34 +643,67 @@ def test_health_is_200_when_writes_can_be_taken(client: TestClient, fake: FakeSt
          "latency_ms": None, "error": None},
     ]
     assert client.simulate_head("/-/health").status_code == 200
+    assert client.simulate_get("/-/health", query_string="writable").status_code == 200
+    assert client.simulate_head("/-/health", query_string="writable").status_code == 200
 
 
 def test_health_counts_an_unknown_volume_as_usable(client: TestClient, fake: FakeStore) -> None:
     fake.volume_health = {}
     r = client.simulate_get("/-/health")
-    assert r.status_code == 200
+    assert r.status_code == 200 and r.json["writable"] is True
     assert [(v["up"], v["status"]) for v in r.json["volumes"]] == [(True, "unknown")] * 3
 
 
-def test_health_is_503_when_a_volume_is_down(client: TestClient, fake: FakeStore) -> None:
+def test_health_is_200_for_reads_when_a_volume_down_stops_writes(client: TestClient,
+                                                                 fake: FakeStore) -> None:
     fake.volume_health["b:2"] = Health.DOWN
     fake.reader.rows = {"b:2": HealthRow("b:2", False, 100.0, 90.0, None, "timed out")}
     r = client.simulate_get("/-/health")
-    assert r.status_code == 503
+    assert r.status_code == 200
     doc = r.json
     assert doc["status"] == "degraded" and doc["writer"]["up"] is True
+    assert doc["readable"] is True and doc["writable"] is False
     down = [v for v in doc["volumes"] if not v["up"]]
     assert down == [{"volume": "b:2", "up": False, "status": "down", "since": 90.0,
                      "checked": 100.0, "latency_ms": None, "error": "timed out"}]
+    w = client.simulate_get("/-/health", query_string="writable")
+    assert w.status_code == 503 and w.json == doc | {"pid": w.json["pid"]}
+    assert client.simulate_head("/-/health", query_string="writable").status_code == 503
 
 
-def test_health_is_503_when_the_writer_does_not_answer(client: TestClient,
-                                                       fake: FakeStore) -> None:
+def test_health_is_200_for_reads_when_the_writer_does_not_answer(client: TestClient,
+                                                                 fake: FakeStore) -> None:
     fake.writer.error = WriterUnavailable("no writer on the socket")
     r = client.simulate_get("/-/health")
-    assert r.status_code == 503
-    assert r.json["status"] == "degraded"
+    assert r.status_code == 200
+    assert r.json["status"] == "degraded" and r.json["writable"] is False
     assert r.json["writer"] == {"up": False, "error": "unavailable: no writer on the socket"}
+    assert client.simulate_get("/-/health", query_string="writable").status_code == 503
+
+
+def test_health_is_503_when_every_volume_is_down(client: TestClient, fake: FakeStore) -> None:
+    fake.volume_health = {v: Health.DOWN for v in VOLUMES}
+    r = client.simulate_get("/-/health")
+    assert r.status_code == 503
+    assert r.json["status"] == "unavailable"
+    assert r.json["readable"] is False and r.json["writable"] is False
+    assert r.json["index"] == {"readable": True}
+    assert client.simulate_get("/-/health", query_string="writable").status_code == 503
+
+
+def test_health_is_503_when_the_index_cannot_be_read(client: TestClient, fake: FakeStore) -> None:
+    fake.reader.error = apsw.CantOpenError("unable to open database file")
+    r = client.simulate_get("/-/health")
+    assert r.status_code == 503
+    assert r.json["status"] == "unavailable" and r.json["readable"] is False
+    assert r.json["index"] == {"readable": False, "error": "unable to open database file"}
+    assert r.json["writer"]["up"] is True  # still said, for the operator
+    assert [v["status"] for v in r.json["volumes"]] == ["unknown"] * 3
+
+
+@pytest.mark.parametrize("query", ["writeable", "writable=1", "writable&x", "list"])
+def test_health_refuses_a_query_it_does_not_know(client: TestClient, query: str) -> None:
+    assert_error(client.simulate_get("/-/health", query_string=query), 400, "bad_query")
 
 
 def count(method: str, status: int) -> float:
@@ -661,10 +711,15 @@ def count(method: str, status: int) -> float:
                                      {"method": method, "status": str(status)}) or 0.0
 
 
+def timed(method: str) -> float:
+    return REGISTRY.get_sample_value("mkv_request_seconds_count", {"method": method}) or 0.0
+
+
 def test_metrics_are_text_and_count_answers(client: TestClient, fake: FakeStore,
                                             no_shared_metrics: None) -> None:
     wanted = [("PUT", 201), ("GET", 302), ("GET", 404), ("DELETE", 404), ("OTHER", 405)]
     before = {k: count(*k) for k in wanted}
+    timed_before = {m: timed(m) for m in ("PUT", "GET", "DELETE", "OTHER")}
     client.simulate_put("/metrics/k", body=b"v")
     client.simulate_get("/metrics/k")
     client.simulate_get("/metrics/k")
@@ -674,11 +729,57 @@ def test_metrics_are_text_and_count_answers(client: TestClient, fake: FakeStore,
     grown = {k: count(*k) - before[k] for k in wanted}
     assert grown == {("PUT", 201): 1, ("GET", 302): 2, ("GET", 404): 1, ("DELETE", 404): 1,
                      ("OTHER", 405): 1}
+    # every method is timed, reads too
+    assert {m: timed(m) - n for m, n in timed_before.items()} == {"PUT": 1, "GET": 3, "DELETE": 1,
+                                                                  "OTHER": 1}
 
     r = client.simulate_get("/-/metrics")
     assert r.status_code == 200
     assert r.headers["Content-Type"].startswith("text/plain")
     assert 'mkv_requests_total{method="PUT",status="201"}' in r.text
+
+
+def test_metrics_say_what_the_index_counts(client: TestClient, fake: FakeStore,
+                                           no_shared_metrics: None) -> None:
+    now = time.time()
+    fake.reader.rows = {"a:1": HealthRow("a:1", True, now, 50.0, 1.5, None),
+                        "b:2": HealthRow("b:2", False, now, 51.0, 250.0, "timed out"),
+                        "c:3": HealthRow("c:3", True, now - 3600, 51.0, 2.0, None)}  # stale
+    fake.reader.stats = {State.LIVE: (3, 300), State.UNLINKED: (1, 7), State.DELETING: (2, 9)}
+    fake.reader.pending = {(PendingOp.REMOVE, PendingState.DUE): 4,
+                           (PendingOp.MARK_UNLINKED, PendingState.INTENT): 0}
+    r = client.simulate_get("/-/metrics")
+    assert r.status_code == 200
+    got = {(s.name, tuple(sorted(s.labels.items()))): s.value
+           for f in text_string_to_metric_families(r.text) for s in f.samples
+           if s.name.startswith(("mkv_volume_", "mkv_stored_", "mkv_pending_"))
+           and not s.name.startswith(("mkv_volume_requests", "mkv_volume_errors"))}
+    ages = {k: v for k, v in got.items() if k[0] == "mkv_volume_health_age_seconds"}
+    assert set(ages) == {("mkv_volume_health_age_seconds", (("volume", v),)) for v in VOLUMES}
+    assert ages[("mkv_volume_health_age_seconds", (("volume", "c:3"),))] >= 3600
+    assert {k: v for k, v in got.items() if k not in ages} == {
+        ("mkv_volume_up", (("volume", "a:1"),)): 1.0,
+        ("mkv_volume_up", (("volume", "b:2"),)): 0.0,  # c:3's status is unknown: no sample
+        ("mkv_volume_probe_seconds", (("volume", "a:1"),)): 0.0015,
+        ("mkv_volume_probe_seconds", (("volume", "b:2"),)): 0.25,
+        ("mkv_stored_keys", (("state", "live"),)): 3.0,
+        ("mkv_stored_keys", (("state", "unlinked"),)): 1.0,
+        ("mkv_stored_keys", (("state", "deleting"),)): 2.0,
+        ("mkv_stored_bytes", (("state", "live"),)): 300.0,
+        ("mkv_stored_bytes", (("state", "unlinked"),)): 7.0,
+        ("mkv_stored_bytes", (("state", "deleting"),)): 9.0,
+        ("mkv_pending_operations", (("op", "remove"), ("state", "due"))): 4.0,
+        ("mkv_pending_operations", (("op", "mark_unlinked"), ("state", "intent"))): 0.0,
+    }
+
+
+def test_metrics_answer_without_the_index(client: TestClient, fake: FakeStore,
+                                          no_shared_metrics: None) -> None:
+    fake.reader.error = apsw.CantOpenError("unable to open database file")
+    r = client.simulate_get("/-/metrics")
+    assert r.status_code == 200
+    names = {f.name for f in text_string_to_metric_families(r.text)}
+    assert "mkv_requests" in names and "mkv_volume_up" not in names and "mkv_stored_keys" not in names
 
 
 # --- uniform answers ----------------------------------------------------------------------------

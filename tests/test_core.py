@@ -387,3 +387,9 @@ def test_a_key_to_write_has_no_dot_segment(key: str) -> None:
 @pytest.mark.parametrize("key", ["/.hidden", "/a..b", "/...", "/a/.x/", "/..x", "/x.", "/a/b"])
 def test_dots_that_are_not_segments_may_be_written(key: str) -> None:
     assert keys.check_new_key(key, 1024) == key
+
+
+def test_can_read_needs_the_index_and_one_volume_not_down():
+    assert core.can_read(True, ["a:1"])
+    assert not core.can_read(True, [])
+    assert not core.can_read(False, ["a:1", "b:2", "c:3"])

@@ -115,8 +115,11 @@ def test_two_of_three_killed_with_two_replicas(make_volumes, make_service):
     r = put(svc, "/two/new", b"x" * 100)
     assert r.status_code == 503
     assert requests.get(svc.url + "/two/new", allow_redirects=False).status_code == 404
+    # reads still go to the survivor: a load balancer keeps this instance for them
     health = requests.get(svc.url + "/-/health", timeout=5)
-    assert health.status_code == 503 and health.json()["status"] == "degraded"
+    assert health.status_code == 200 and health.json()["status"] == "degraded"
+    assert health.json()["readable"] is True and health.json()["writable"] is False
+    assert requests.get(svc.url + "/-/health?writable", timeout=5).status_code == 503
 
 
 def test_writer_killed_during_32_concurrent_puts_loses_no_acknowledged_write(volumes, make_service):

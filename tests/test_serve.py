@@ -44,6 +44,11 @@ def test_plain_gunicorn_with_our_config_is_the_same_service(volumes, tmp_path):
         health = requests.get(url + "/-/health").json()
         assert health["writer"]["up"] is True
         assert {v["volume"] for v in health["volumes"]} == {v.address for v in volumes}
+        # the metrics directory beside the index, shared with the writer
+        assert list((tmp_path / "i.db.metrics").glob("counter_*.db"))
+        metrics = requests.get(url + "/-/metrics").text
+        assert 'mkv_requests_total{method="PUT",status="201"} 1.0' in metrics
+        assert "mkv_writer_commits_total" in metrics
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(20) == 0
@@ -51,6 +56,7 @@ def test_plain_gunicorn_with_our_config_is_the_same_service(volumes, tmp_path):
         while group_alive(proc.pid) and time.monotonic() < deadline:
             time.sleep(0.05)
         assert not group_alive(proc.pid), "the writer outlived gunicorn"
+        assert not (tmp_path / "i.db.metrics").exists()
 
 
 def test_mkv_volume_command_serves_and_stops_on_sigterm(tmp_path):
@@ -114,49 +120,3 @@ def test_writer_and_health_stop_when_the_master_is_killed(volumes, make_service)
     while any(alive(p) for p in children) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not any(alive(p) for p in children), "orphaned writer or health process"
-
-
-def metrics_dirs(tmp) -> list[str]:
-    return sorted(p.name for p in tmp.glob("mkv-metrics-*"))
-
-
-def test_the_metrics_directory_goes_with_the_process_that_made_it(volumes, make_service, tmp_path):
-    """Workers share prometheus values through a temporary directory that the master
-    makes; stopping the service removes it, and so does any other process that made one
-    (the gunicorn config file), while a worker's exit does not. Importing the service
-    makes none."""
-    tmp = tmp_path / "tmp"
-    tmp.mkdir()
-    svc = make_service(volumes, env={"TMPDIR": str(tmp)})
-    roundtrip(svc.url, "/metrics-dir")
-    assert len(metrics_dirs(tmp)) == 1
-    deadline = time.monotonic() + 20
-    while len(svc.pids("mkv serve")) < 3 and time.monotonic() < deadline:
-        time.sleep(0.1)  # the second worker may still be booting
-    workers = [p for p in svc.pids("mkv serve") if p != svc.proc.pid]
-    os.kill(workers[0], signal.SIGTERM)  # the master starts another; the directory stays
-
-    def replaced() -> bool:
-        pids = svc.pids("mkv serve")
-        return workers[0] not in pids and len(pids) == 3
-
-    deadline = time.monotonic() + 20
-    while not replaced() and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert replaced()
-    assert len(metrics_dirs(tmp)) == 1
-    assert "mkv_requests_total" in requests.get(svc.url + "/-/metrics", timeout=5).text
-    assert svc.stop() == 0
-    assert metrics_dirs(tmp) == []
-
-    env = {**os.environ, "TMPDIR": str(tmp)}
-    env.pop("PROMETHEUS_MULTIPROC_DIR", None)
-    made = subprocess.run([sys.executable, "-c", "import os, mkv.service.metricsdir as m; "
-                           "m.share_between_workers(); print(os.environ['PROMETHEUS_MULTIPROC_DIR'])"],
-                          env=env, capture_output=True, text=True, check=True).stdout.strip()
-    assert made.startswith(str(tmp))
-    assert metrics_dirs(tmp) == []
-    imported = subprocess.run([sys.executable, "-c", "import os, mkv.service.server, mkv.service.app; "
-                               "print(os.environ.get('PROMETHEUS_MULTIPROC_DIR', 'none'))"],
-                              env=env, capture_output=True, text=True, check=True).stdout.strip()
-    assert imported == "none"

@@ -1,5 +1,6 @@
 """Reading the index: one key, a page of a prefix, the published volume health, the
-tools' walk. Each gunicorn worker holds one Reader (one connection per thread)."""
+counts kept for /-/metrics, the tools' walk. Each gunicorn worker holds one Reader
+(one connection per thread)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from mkv.index import schema
 from mkv.index.cache import RecordCache
 from mkv.index.schema import COLUMNS, row_to_record
 from mkv.keys import next_prefix
-from mkv.model import HealthRow, Pending, PendingState, Record, State
+from mkv.model import HealthRow, Pending, PendingOp, PendingState, Record, State
 
 
 class Reader:
@@ -80,6 +81,16 @@ class Reader:
                 "SELECT volume, up, checked, since, latency_ms, error FROM volume_health"
             ).fetchall()
         return {r[0]: HealthRow(r[0], bool(r[1]), r[2], r[3], r[4], r[5]) for r in rows}
+
+    def key_stats(self) -> dict[State, tuple[int, int]]:
+        """(keys, bytes) by state: the counts the index's triggers keep, for /-/metrics."""
+        with self._lock:
+            return schema.read_key_stats(self.conn)
+
+    def pending_stats(self) -> dict[tuple[PendingOp, PendingState], int]:
+        """Pending operations by (op, state), kept the same way."""
+        with self._lock:
+            return schema.read_pending_stats(self.conn)
 
     def records_in_state(self, state: State, after: str = "", limit: int = 1000) -> list[Record]:
         with self._lock:

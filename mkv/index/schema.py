@@ -15,10 +15,11 @@ import apsw
 
 from mkv.model import HealthRow, Pending, PendingOp, PendingState, Record, State
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 #: Versions this mkv opens and upgrades in place: 2 added the pending table, 3 the
-#: generation columns (of keys and of pending).
-UPGRADES_FROM = {1, 2}
+#: generation columns (of keys and of pending), 4 the counts kept by triggers
+#: (key_stats, pending_stats).
+UPGRADES_FROM = {1, 2, 3}
 
 
 SCHEMA = """
@@ -53,6 +54,47 @@ CREATE TABLE IF NOT EXISTS pending(
 CREATE INDEX IF NOT EXISTS pending_due ON pending(state, since);
 """
 
+#: Counts that /-/metrics reads instead of counting rows: kept by triggers, so every
+#: writer of `keys` and `pending` keeps them (the writer, a rebuild's bulk load, an
+#: operator's sqlite3), in the same transaction as the change. One row per state (per
+#: op and state) exists from the start, so a trigger only ever UPDATEs a row.
+#: docs/design.md, "Index".
+STATS = """
+CREATE TABLE IF NOT EXISTS key_stats(
+    state INT PRIMARY KEY,
+    count INT NOT NULL DEFAULT 0,
+    bytes INT NOT NULL DEFAULT 0
+);
+CREATE TRIGGER IF NOT EXISTS key_stats_insert AFTER INSERT ON keys BEGIN
+    UPDATE key_stats SET count = count + 1, bytes = bytes + NEW.size WHERE state = NEW.state;
+END;
+CREATE TRIGGER IF NOT EXISTS key_stats_delete AFTER DELETE ON keys BEGIN
+    UPDATE key_stats SET count = count - 1, bytes = bytes - OLD.size WHERE state = OLD.state;
+END;
+CREATE TRIGGER IF NOT EXISTS key_stats_update AFTER UPDATE OF state, size ON keys
+WHEN OLD.state IS NOT NEW.state OR OLD.size IS NOT NEW.size BEGIN
+    UPDATE key_stats SET count = count - 1, bytes = bytes - OLD.size WHERE state = OLD.state;
+    UPDATE key_stats SET count = count + 1, bytes = bytes + NEW.size WHERE state = NEW.state;
+END;
+CREATE TABLE IF NOT EXISTS pending_stats(
+    op INT NOT NULL,
+    state INT NOT NULL,
+    count INT NOT NULL DEFAULT 0,
+    PRIMARY KEY(op, state)
+) WITHOUT ROWID;
+CREATE TRIGGER IF NOT EXISTS pending_stats_insert AFTER INSERT ON pending BEGIN
+    UPDATE pending_stats SET count = count + 1 WHERE op = NEW.op AND state = NEW.state;
+END;
+CREATE TRIGGER IF NOT EXISTS pending_stats_delete AFTER DELETE ON pending BEGIN
+    UPDATE pending_stats SET count = count - 1 WHERE op = OLD.op AND state = OLD.state;
+END;
+CREATE TRIGGER IF NOT EXISTS pending_stats_update AFTER UPDATE OF op, state ON pending
+WHEN OLD.op IS NOT NEW.op OR OLD.state IS NOT NEW.state BEGIN
+    UPDATE pending_stats SET count = count - 1 WHERE op = OLD.op AND state = OLD.state;
+    UPDATE pending_stats SET count = count + 1 WHERE op = NEW.op AND state = NEW.state;
+END;
+"""
+
 
 class SchemaError(RuntimeError):
     """The database file was made by an incompatible version of mkv."""
@@ -79,10 +121,32 @@ def _columns(conn: apsw.Connection, table: str) -> set[str]:
     return {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}
 
 
+def _has_table(conn: apsw.Connection, name: str) -> bool:
+    return conn.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name=?",
+                        (name,)).fetchone() is not None
+
+
+def _count_once(conn: apsw.Connection) -> None:
+    """Create the stats tables and their triggers, filled from the rows there are now
+    (inside init_schema's transaction, so no change slips between count and trigger)."""
+    conn.execute(STATS)
+    conn.execute("DELETE FROM key_stats")
+    conn.executemany("INSERT INTO key_stats(state) VALUES(?)", ((int(s),) for s in State))
+    conn.execute("UPDATE key_stats SET count = (SELECT count(*) FROM keys k WHERE k.state = "
+                 "key_stats.state), bytes = (SELECT coalesce(sum(size), 0) FROM keys k "
+                 "WHERE k.state = key_stats.state)")
+    conn.execute("DELETE FROM pending_stats")
+    conn.executemany("INSERT INTO pending_stats(op, state) VALUES(?, ?)",
+                     ((int(op), int(st)) for op in PendingOp for st in PendingState))
+    conn.execute("UPDATE pending_stats SET count = (SELECT count(*) FROM pending p WHERE "
+                 "p.op = pending_stats.op AND p.state = pending_stats.state)")
+
+
 def init_schema(conn: apsw.Connection) -> None:
     """Create the tables if missing, check the schema version, and upgrade an older
     file in place (by what its tables lack, so a half-upgraded file is finished too)."""
     with conn:
+        counted = _has_table(conn, "key_stats")
         conn.execute(SCHEMA)  # an older file gets the tables it lacked
         row = conn.execute("SELECT value FROM meta WHERE name='schema_version'").fetchone()
         if row is not None and int(row[0]) != SCHEMA_VERSION and int(row[0]) not in UPGRADES_FROM:
@@ -96,6 +160,8 @@ def init_schema(conn: apsw.Connection) -> None:
             conn.execute("INSERT INTO pending(key, gen, volume, op, state, since) "
                          "SELECT key, '', volume, op, state, since FROM pending_v2")
             conn.execute("DROP TABLE pending_v2")
+        if not counted:  # a new file, or one before version 4: counted once, kept from now on
+            _count_once(conn)
         conn.execute("INSERT OR REPLACE INTO meta VALUES('schema_version', ?)", (str(SCHEMA_VERSION),))
 
 
@@ -148,6 +214,18 @@ def write_delete(conn: apsw.Connection, key: str) -> bool:
     return conn.changes() > 0
 
 
+def read_key_stats(conn: apsw.Connection) -> dict[State, tuple[int, int]]:
+    """Keys and bytes by state, as the triggers keep them (no count over `keys`)."""
+    return {State(state): (count, size) for state, count, size in
+            conn.execute("SELECT state, count, bytes FROM key_stats")}
+
+
+def read_pending_stats(conn: apsw.Connection) -> dict[tuple[PendingOp, PendingState], int]:
+    """Pending operations by op and state, as the triggers keep them."""
+    return {(PendingOp(op), PendingState(state)): count for op, state, count in
+            conn.execute("SELECT op, state, count FROM pending_stats")}
+
+
 def write_health(conn: apsw.Connection, rows: Iterable[HealthRow]) -> None:
     with conn:
         conn.executemany(
@@ -173,9 +251,12 @@ def read_pending(conn: apsw.Connection, key: str) -> list[Pending]:
 
 
 def write_pending(conn: apsw.Connection, rows: Iterable[Pending]) -> None:
-    """Insert or replace: a new intent or due operation takes over an older row."""
+    """Insert or update: a new intent or due operation takes over an older row. An
+    upsert, not INSERT OR REPLACE: the row REPLACE deletes fires no delete trigger, and
+    pending_stats would count it twice."""
     conn.executemany(
-        f"INSERT OR REPLACE INTO pending({PENDING_COLUMNS}) VALUES(?,?,?,?,?,?)",
+        f"INSERT INTO pending({PENDING_COLUMNS}) VALUES(?,?,?,?,?,?) "
+        "ON CONFLICT(key, gen, volume, op) DO UPDATE SET state=excluded.state, since=excluded.since",
         ((p.key, p.volume, int(p.op), int(p.state), p.since, p.gen) for p in rows))
 
 

@@ -15,6 +15,7 @@ import os
 import time
 from collections.abc import Callable
 
+import apsw
 import falcon
 
 from mkv import core
@@ -185,16 +186,32 @@ class KeyResource:
 
 
 class HealthResource:
-    """/-/health: 200 when the service can take writes, 503 when it cannot."""
+    """/-/health, for a load balancer: 200 while this instance can serve reads, 503 when
+    it cannot; with `?writable`, 200 only while it can take writes as well. The JSON body
+    says both ("readable", "writable"), with the index, the writer and every volume.
+
+    Reads need the index to answer and a volume that is not down (core.can_read); writes
+    need the writer and R usable failure domains too (core.can_write). A load balancer
+    checking plain /-/health keeps sending reads to an instance whose writes fail."""
 
     def __init__(self, cfg: Config, store: Callable[[], Store]) -> None:
         self.cfg = cfg
         self.store = store
 
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        try:
+            want_writable = health_query(req.query_string)
+        except BadQuery as exc:
+            error_body(resp, falcon.HTTP_400, "bad_query", str(exc))
+            return
         store = self.store()
-        health = store.health()
-        rows = store.reader.health()
+        try:
+            rows = store.reader.health()
+            health = store.health()
+            index_info: dict = {"readable": True}
+        except apsw.Error as exc:  # the file is gone, unreadable, or not an index
+            rows, health = {}, {}
+            index_info = {"readable": False, "error": str(exc)}
         volumes = []
         for vol in self.cfg.volumes:
             row = rows.get(vol)
@@ -213,19 +230,38 @@ class HealthResource:
                            "committed_ops": writer["committed_ops"], "locks": writer["locks"]}
         except WriterError as exc:
             writer_info = {"up": False, "error": str(exc)}
-        can_write = core.can_write([v["volume"] for v in volumes if v["up"]], writer_info["up"],
-                                   self.cfg.replicas)
-        resp.status = falcon.HTTP_200 if can_write else falcon.HTTP_503
+        usable = [v["volume"] for v in volumes if v["up"]]
+        readable = core.can_read(index_info["readable"], usable)
+        writable = readable and core.can_write(usable, writer_info["up"], self.cfg.replicas)
+        ok = writable if want_writable else readable
+        resp.status = falcon.HTTP_200 if ok else falcon.HTTP_503
         resp.content_type = falcon.MEDIA_JSON
-        resp.media = {"status": "ok" if can_write else "degraded", "pid": os.getpid(),
-                      "replicas": self.cfg.replicas, "writer": writer_info, "volumes": volumes}
+        resp.media = {"status": "ok" if writable else "degraded" if readable else "unavailable",
+                      "readable": readable, "writable": writable, "pid": os.getpid(),
+                      "replicas": self.cfg.replicas, "index": index_info, "writer": writer_info,
+                      "volumes": volumes}
 
     on_head = on_get
 
 
+def health_query(query: str) -> bool:
+    """/-/health's query string: empty, or `writable` (answer 503 when writes cannot be
+    taken). Anything else is refused, so a misspelt check never passes for another."""
+    if query in ("", "writable"):
+        return query == "writable"
+    raise BadQuery(f"/-/health takes no query but ?writable, not ?{query}")
+
+
 class MetricsResource:
+    """/-/metrics: every process's counters and histograms, and what the index says
+    (mkv.service.metrics)."""
+
+    def __init__(self, cfg: Config, store: Callable[[], Store]) -> None:
+        self.cfg = cfg
+        self.store = store
+
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
-        body, ctype = metrics.render()
+        body, ctype = metrics.render(metrics.IndexCollector(self.cfg, self.store().reader))
         resp.content_type = ctype
         resp.data = body
 
@@ -285,7 +321,7 @@ def create_app(cfg: Config, store: Callable[[], Store], limiter: ListLimiter | N
     # no default media type: every answer with a body names its own, one without has none
     app = falcon.App(media_type=None)
     app.add_route("/-/health", HealthResource(cfg, store))
-    app.add_route("/-/metrics", MetricsResource())
+    app.add_route("/-/metrics", MetricsResource(cfg, store))
     if limiter is None:
         limiter = ListLimiter(cfg.list_rate, cfg.list_burst)
     app.add_sink(KeyResource(cfg, store, limiter), prefix="/")

@@ -51,7 +51,7 @@ def build_store(cfg: Config, changes: ChangeCount | None) -> Store:
     """One worker's Store: its own index connections, volume connections and writer clients."""
     reader = Reader(lambda: schema.connect(cfg.db, synchronous=cfg.synchronous),
                     RecordCache(changes) if changes is not None else None)
-    return Store(cfg, reader, Pool(cfg.volume_timeout),
+    return Store(cfg, reader, Pool(cfg.volume_timeout, on_request=metrics.volume_request),
                  lambda: WriterClient(cfg.writer_socket, timeout=cfg.volume_timeout * 3),
                  FailureReporter(health_socket_path(cfg.db)))
 

@@ -144,7 +144,7 @@ class Store:
         for err in core.blamed(errors):
             self._suspects[err.volume] = time.monotonic() + self.cfg.health_interval * (
                 self.cfg.health_fail_count + 1)
-            metrics.VOLUME_ERRORS.labels(err.volume, type(err).__name__).inc()
+            metrics.volume_error(err.volume, type(err).__name__)
             if self.reporter is not None:
                 self.reporter.report(err.volume)
 

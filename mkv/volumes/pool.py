@@ -146,10 +146,15 @@ class Pool:
     """Idle connections per volume, shared by a process's threads; at most `max_idle`
     kept per volume (`put_stream` opens a new one each time, and those would pile up)."""
 
-    def __init__(self, timeout: float, max_idle: int = 32, retry: Retry = Retry()) -> None:
+    def __init__(self, timeout: float, max_idle: int = 32, retry: Retry = Retry(),
+                 on_request: Callable[[str, str], None] | None = None) -> None:
         self.timeout = timeout
         self.max_idle = max_idle
         self.retry = retry
+        #: called with (volume, method) for each request asked of a volume (the service
+        #: counts them for /-/metrics); a request sent again after a dropped connection
+        #: is not asked again
+        self.on_request = on_request
         self._idle: dict[str, list[Connection]] = defaultdict(list)
         self._lock = threading.Lock()
 
@@ -205,6 +210,10 @@ class Pool:
         Either way its error is a VolumeTimeout, sooner."""
         conns = {vol: self.take(vol) for vol in work}
         out: dict[str, list[Reply] | VolumeError] = {}
+        if self.on_request is not None:
+            for vol, reqs in work.items():
+                for req in reqs:
+                    self.on_request(vol, req.method)
         for vol, reqs in work.items():
             try:
                 conns[vol].send(b"".join(conns[vol].encode(r) for r in reqs))
@@ -299,6 +308,9 @@ class Pool:
         The body cannot be sent twice, so it goes on a new connection: a kept-alive one
         that nginx has closed meanwhile is only found out once the body is gone."""
         then = then or []
+        if self.on_request is not None:
+            for method in ("PUT", *(r.method for r in then)):
+                self.on_request(volume, method)
         conn = Connection(volume, self.timeout)
         conn.give_up = give_up  # e.g. the volume was marked down: stop waiting on it
         put = Request("PUT", path)
@@ -330,6 +342,8 @@ class Pool:
     def download(self, volume: str, path: str) -> Download:
         """Start reading a blob (status 200 only); the caller reads `chunks()` and closes it."""
         req = Request("GET", path)
+        if self.on_request is not None:
+            self.on_request(volume, "GET")
         for attempt in range(2):
             conn = self.take(volume)
             try:

@@ -27,6 +27,7 @@ from mkv.index import schema
 from mkv.index.cache import ChangeCount
 from mkv.keys import GEN_RE
 from mkv.model import Pending, PendingOp, PendingState, Record, State
+from mkv.writer import metrics
 from mkv.writer.lockfile import WriterLock
 from mkv.writer.protocol import (
     RECV_BYTES,
@@ -205,6 +206,7 @@ class WriterServer:
         writes = 0
         # a batch of only locks, unlocks and reads needs no transaction at all
         transact = any(self._writes(conn, req) for conn, req in batch)
+        began = time.perf_counter()
         try:
             if transact:
                 self.db.execute("BEGIN IMMEDIATE")
@@ -226,6 +228,7 @@ class WriterServer:
             if writes:
                 self.commits += 1
                 self.committed_ops += writes
+                metrics.committed(len(batch), time.perf_counter() - began)
         if transact and self.changes is not None:
             self.changes.bump()  # before any reply: a client told "done" never reads older
         for conn, key in releases:
@@ -249,6 +252,8 @@ class WriterServer:
         try:
             reply, release, wrote = handler(conn, req)
         except WriterError as exc:
+            if isinstance(exc, KeyLocked):
+                metrics.lock_conflict()
             reply, release, wrote = {"ok": False, "error": exc.code, "detail": exc.detail}, None, 0
         except (KeyError, TypeError, ValueError, apsw.ConstraintError) as exc:
             reply, release, wrote = {"ok": False, "error": "bad_request", "detail": repr(exc)}, None, 0
