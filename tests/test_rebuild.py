@@ -822,7 +822,7 @@ def test_killed_rebuild_leaves_the_old_index_untouched(
     (tmp_path / "idx").mkdir()
     db = tmp_path / "idx" / "schema.db"
     before = make_index(db, ["/old"])
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MKV_")}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MKV_")} | {"MKV_CONFIG": ""}
     proc = subprocess.Popen(
         [sys.executable, "-m", "mkv.tools.rebuild", "--volumes",
          ",".join([volumes[0].address, hung_volume]), "--replicas", "1", "--db", str(db),

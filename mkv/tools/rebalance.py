@@ -70,12 +70,15 @@ class Stats:
 
 
 def add_arguments(p: configargparse.ArgumentParser) -> None:
-    p.add_argument("--dry-run", action="store_true", help="print the plan, change nothing")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the plan, change nothing (only on the command line)")
     p.add_argument("--concurrency", type=int, default=4, help="keys moved at once")
     p.add_argument("--limit-rate", type=float, default=0,
                    help="bytes per second copied, across all keys (0: unlimited)")
     p.add_argument("--verify", action="store_true",
                    help="check each source copy's md5, not only its size")
+    p.add_argument("--quiet", action="store_true",
+                   help="no progress lines (the summary is still printed)")
 
 
 class Rebalancer:

@@ -516,12 +516,14 @@ def _insert(conn: apsw.Connection, records: list[Record], superseded: list[Pendi
     return time.monotonic() - t
 
 
-def _extend(parser) -> None:
+def add_arguments(parser) -> None:  # noqa: ANN001 - a mkv.config.Parser
     parser.add_argument("--concurrency", type=int, default=DEFAULT_CONCURRENCY,
                         help="threads listing directories and reading sidecars in parallel")
     parser.add_argument("--force", action="store_true",
-                        help="replace an existing non-empty index at --db")
-    parser.add_argument("--no-progress", action="store_true", help="no progress lines on stderr")
+                        help="replace an existing non-empty index at --db "
+                             "(only on the command line)")
+    parser.add_argument("--quiet", "--no-progress", dest="no_progress", action="store_true",
+                        help="no progress lines on stderr")
 
 
 def _terminate(signum: int, frame: object) -> None:
@@ -533,7 +535,7 @@ def main(argv: list[str] | None = None) -> int:
         argv, prog=PROG,
         description="Rebuild the mkv index from the volumes' blobs and .key sidecars. "
                     "Exit 0 clean, 1 problems found or volumes unreachable (partial), 2 usage.",
-        extend=_extend)
+        extend=add_arguments)
     if ns.concurrency < 1:
         print(f"{PROG}: config: concurrency: must be at least 1", file=sys.stderr)
         return 2
