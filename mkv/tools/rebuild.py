@@ -73,6 +73,14 @@ class UsageError(Exception):
     """The rebuild must not start: exit 2 with this message."""
 
 
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM mid-rebuild: nothing was written; `stats` is how far it got."""
+
+    def __init__(self, stats: Stats) -> None:
+        super().__init__("interrupted")
+        self.stats = stats
+
+
 # --- HTTP: pipelined GETs through the volume client ---------------------------------
 
 
@@ -486,6 +494,9 @@ def rebuild(cfg: Config, db: str, *, force: bool = False, concurrency: int = DEF
             stats.sqlite_s += time.monotonic() - t
             written = True
         finished = True
+    except KeyboardInterrupt as exc:
+        stats.elapsed = time.monotonic() - started
+        raise Interrupted(stats) from exc
     finally:
         show.end()
         pool.shutdown(wait=finished, cancel_futures=True)
@@ -547,6 +558,12 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as exc:
         print(f"{PROG}: {exc}", file=sys.stderr)
         return 2
+    except Interrupted as exc:
+        s = exc.stats
+        print(f"{PROG}: interrupted after {s.elapsed:.1f}s: {s.dirs_done}/{s.dirs_total} "
+              f"directories of {s.volumes_scanned}/{s.volumes} volumes scanned, {s.keys} keys "
+              f"found; index not written, {cfg.db} left as it was", file=sys.stderr)
+        return 130
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted; {cfg.db} left as it was", file=sys.stderr)
         return 130
