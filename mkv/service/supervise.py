@@ -103,7 +103,7 @@ class Child:
         # its own process group: a terminal's Ctrl-C reaches the master and its workers,
         # and the master stops this child in order once the workers have drained
         proc = subprocess.Popen(self.argv, process_group=0, pass_fds=self.pass_fds)
-        with self._reap_lock:  # one swap: `proc` is never None nor the new one half-known
+        with self._reap_lock:  # swapped with its reaping state in one step, never None between
             self.proc, self._exited, self.returncode = proc, False, None
         if self.ready is not None:
             try:
