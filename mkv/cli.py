@@ -8,12 +8,29 @@ import sys
 from mkv import config as config_mod
 from mkv.service import metricsdir
 
-USAGE = """usage: mkv COMMAND [options]
+USAGE = """usage: mkv COMMAND [options]   (mkv --version: the installed version)
 
 commands:
   serve     run the service (gunicorn workers + writer), see `mkv serve --help`
   volume    run one nginx volume in the foreground, see `mkv volume --help`
 """
+
+#: `mkv volume`'s options are `volume-root`, `volume-port`... in the shared file and
+#: MKV_VOLUME_ROOT... in the environment: its --port and --bind are not the service's.
+VOLUME_KEY_PREFIX = "volume-"
+
+
+def volume_parser() -> config_mod.Parser:
+    """`mkv volume`'s options, from the same sources as every command's."""
+    from mkv.volumes import nginx
+
+    parser = config_mod.Parser(
+        "mkv volume", "Run one nginx volume in the foreground. In the config file and the "
+        "environment its options are volume-root, volume-port, volume-bind and volume-workdir "
+        "(MKV_VOLUME_ROOT, ...).", key_prefix=VOLUME_KEY_PREFIX,
+        formatter_class=argparse.HelpFormatter, add_config_file_help=False)
+    nginx.add_volume_arguments(parser)
+    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -21,6 +38,9 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE, end="")
         return 0 if argv else 2
+    if argv[0] == "--version":
+        print(f"mkv {config_mod.package_version()}")
+        return 0
     command, rest = argv[0], argv[1:]
     if command == "serve":
         cfg, _ = config_mod.load(rest, prog="mkv serve", description="Run the mkv service.")
@@ -36,10 +56,10 @@ def main(argv: list[str] | None = None) -> int:
     if command == "volume":
         from mkv.volumes import nginx
 
-        parser = argparse.ArgumentParser(prog="mkv volume",
-                                         description="Run one nginx volume in the foreground.")
-        nginx.add_volume_arguments(parser)
-        return nginx.volume_main(parser.parse_args(rest))
+        parser = volume_parser()
+        args = config_mod.parse(parser, rest)
+        config_mod.exit_on(parser.problems, "mkv volume")
+        return nginx.volume_main(args)
     print(f"mkv: unknown command {command!r}\n\n{USAGE}", file=sys.stderr, end="")
     return 2
 

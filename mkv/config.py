@@ -3,16 +3,28 @@
 configargparse gives the precedence operators expect (flag > environment >
 config file > default). Everything is validated at start, one line per
 problem, and a bad configuration exits with code 2 before anything runs.
+
+One file serves every command (`mkv serve`, `mkv volume`, mkv-rebuild,
+mkv-rebalance): each reads its own keys and ignores the keys only other
+commands have, but a key no command has is a typo and refused. Switches
+whose setting must be visible where the command is typed (COMMAND_LINE_ONLY)
+are refused from the file and the environment.
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
+import difflib
+import functools
+import importlib.metadata
 import os
 import sys
 import tempfile
-from collections.abc import Callable, Sequence
+from collections import OrderedDict
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import configargparse
 
@@ -20,6 +32,34 @@ from mkv.ring import BadVolume, Ring, failure_domain, parse_volume
 
 #: Longest path a unix socket may have on Linux (sun_path is 108 bytes with the NUL).
 MAX_SOCKET_PATH = 107
+
+#: The file read when neither --config nor MKV_CONFIG names one (an empty MKV_CONFIG or
+#: `--config ''` reads no file at all). Read at parse time, so tests can point it elsewhere.
+DEFAULT_CONFIG = "/etc/mkv/mkv.conf"
+
+#: Prefix of every option's environment variable: `max-value-bytes` is MKV_MAX_VALUE_BYTES.
+ENV_PREFIX = "MKV_"
+
+#: Keys of the options only some commands have (the shared ones are build_parser's), and
+#: the commands that have them. Every command accepts the whole shared file and ignores
+#: the keys of the others; tests/test_config.py holds this table to the commands' parsers.
+COMMAND_KEYS: Mapping[str, tuple[str, ...]] = {
+    "concurrency": ("mkv-rebuild", "mkv-rebalance"),
+    "quiet": ("mkv-rebuild", "mkv-rebalance"),
+    "force": ("mkv-rebuild",),
+    "dry-run": ("mkv-rebalance",),
+    "limit-rate": ("mkv-rebalance",),
+    "verify": ("mkv-rebalance",),
+    "volume-root": ("mkv volume",),
+    "volume-port": ("mkv volume",),
+    "volume-bind": ("mkv volume",),
+    "volume-workdir": ("mkv volume",),
+}
+
+#: Switches taken from the command line only. --force replaces an existing index, and
+#: mkv-rebalance without --dry-run moves data: a setting left in a file or an exported
+#: variable would act on a command line that does not show it, so it is refused instead.
+COMMAND_LINE_ONLY = frozenset({"force", "dry-run"})
 
 
 class ConfigError(Exception):
@@ -100,18 +140,116 @@ def _volume_list(text: str) -> list[str]:
     return [part for part in (p.strip() for p in text.replace(" ", ",").split(",")) if part]
 
 
-def build_parser(prog: str, description: str) -> configargparse.ArgumentParser:
-    """The parser every command starts from; commands add their own options."""
-    p = configargparse.ArgumentParser(
-        prog=prog,
-        description=description,
-        auto_env_var_prefix="MKV_",
-        config_file_parser_class=configargparse.DefaultConfigFileParser,
-        formatter_class=configargparse.ArgumentDefaultsHelpFormatter,
-    )
+def package_version() -> str:
+    """The installed package's version, for every command's --version."""
+    try:
+        return importlib.metadata.version("mkv")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown (not installed)"
+
+
+def env_name(key: str) -> str:
+    """The environment variable of a file key: `max-value-bytes` is MKV_MAX_VALUE_BYTES."""
+    return ENV_PREFIX + key.replace("-", "_").upper()
+
+
+class Parser(configargparse.ArgumentParser):
+    """configargparse with mkv's rules for the shared file: a key is an option's first
+    long flag with `key_prefix` in front (`mkv volume --port` is `volume-port`, so it
+    cannot take the service's `port`), and its environment variable follows the key.
+
+    What the file and the environment got wrong is collected in `problems` rather than
+    exiting at the first, so `load` reports it with everything else.
+    """
+
+    def __init__(self, prog: str, description: str, *, key_prefix: str = "", **kw: Any) -> None:
+        self.key_prefix = key_prefix
+        self.problems: list[str] = []
+        kw.setdefault("formatter_class", configargparse.ArgumentDefaultsHelpFormatter)
+        super().__init__(prog=prog, description=description, auto_env_var_prefix=ENV_PREFIX,
+                         config_file_parser_class=SharedFile(self), **kw)
+        self.add_argument("-c", "--config", is_config_file=True, env_var="MKV_CONFIG",
+                          help=f"config file (see etc/mkv.conf; default: {DEFAULT_CONFIG} "
+                               "if it exists)")
+        self.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
+
+    def get_possible_config_keys(self, action: argparse.Action) -> list[str]:
+        if (isinstance(action, (argparse._HelpAction, argparse._VersionAction))
+                or getattr(action, "is_config_file_arg", False)):
+            return []
+        longs = [s[2:] for s in action.option_strings if s.startswith("--")]
+        return [self.key_prefix + longs[0]] if longs else []
+
+    def file_keys(self) -> dict[str, str]:
+        """This command's keys, each with the flag that sets it on the command line."""
+        return {key: action.option_strings[0] for action in self._actions
+                for key in self.get_possible_config_keys(action)}
+
+
+@functools.cache
+def known_keys() -> frozenset[str]:
+    """Every key some mkv command reads from the file."""
+    return frozenset(build_parser("mkv", "").file_keys()) | frozenset(COMMAND_KEYS)
+
+
+class SharedFile(configargparse.DefaultConfigFileParser):
+    """Reads the shared file for one command: its own keys, the others' ignored, a key no
+    command has (a typo) and a command-line-only switch reported to the parser."""
+
+    def __init__(self, parser: Parser) -> None:
+        super().__init__()
+        self.parser = parser
+
+    def parse(self, stream: Any) -> OrderedDict:
+        own = self.parser.file_keys()
+        where = getattr(stream, "name", "the config file")
+        kept: OrderedDict = OrderedDict()
+        for key, value in super().parse(stream).items():
+            if key in own and key in COMMAND_LINE_ONLY:
+                self.parser.problems.append(
+                    f"{key}: only on the command line ({own[key]}), not in {where}")
+            elif key in own:
+                kept[key] = value
+            elif key not in known_keys():
+                near = difflib.get_close_matches(key, sorted(known_keys()), n=1)
+                hint = f"; did you mean {near[0]}?" if near else ""
+                self.parser.problems.append(
+                    f"{key}: no mkv command has this option ({where}){hint}")
+        return kept
+
+
+def named_config(argv: Sequence[str], env: Mapping[str, str]) -> str | None:
+    """The config file the command line or MKV_CONFIG names ('' for none), or None when
+    neither does. Found the way configargparse finds it: a parser knowing only --config."""
+    finder = argparse.ArgumentParser(add_help=False, exit_on_error=False)
+    finder.add_argument("-c", "--config")
+    try:
+        found, _ = finder.parse_known_args(list(argv))
+    except argparse.ArgumentError:
+        return ""  # `--config` without a file: the real parse says so
+    return found.config if found.config is not None else env.get("MKV_CONFIG")
+
+
+def parse(parser: Parser, argv: Sequence[str] | None,
+          env: Mapping[str, str] | None = None) -> configargparse.Namespace:
+    """Parse flags, environment and file (DEFAULT_CONFIG when none is named); what the
+    file and environment got wrong is left in `parser.problems`."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    env = dict(os.environ if env is None else env)
+    for key, flag in parser.file_keys().items():
+        if key in COMMAND_LINE_ONLY and env_name(key) in env:
+            parser.problems.append(f"{key}: only on the command line ({flag}), "
+                                   f"not from {env_name(key)} in the environment")
+            del env[env_name(key)]
+    if named_config(argv, env) is None and os.path.isfile(DEFAULT_CONFIG):
+        argv = ["--config", DEFAULT_CONFIG, *argv]
+    return parser.parse_args(argv, env_vars=env)
+
+
+def build_parser(prog: str, description: str) -> Parser:
+    """The parser every command but `mkv volume` starts from; commands add their own options."""
+    p = Parser(prog, description)
     d = Config(volumes=())
-    p.add_argument("-c", "--config", is_config_file=True, env_var="MKV_CONFIG",
-                   help="config file (see etc/mkv.conf)")
     p.add_argument("--volumes", default="", help="volumes, comma separated: host:port[/prefix]")
     p.add_argument("--replicas", type=int, default=d.replicas, help="copies of every value")
     p.add_argument("--db", default=d.db, help="SQLite index file")
@@ -227,7 +365,7 @@ def validate(ns: configargparse.Namespace, *, need_volumes: bool = True) -> Conf
                      for f in dataclasses.fields(Config)})
 
 
-def parse(
+def read(
     argv: Sequence[str] | None,
     prog: str = "mkv",
     description: str = "mkv",
@@ -239,8 +377,15 @@ def parse(
     parser = build_parser(prog, description)
     if extend is not None:
         extend(parser)
-    ns = parser.parse_args(argv)
-    return validate(ns, need_volumes=need_volumes), ns
+    ns = parse(parser, argv)
+    problems = list(parser.problems)
+    try:
+        cfg = validate(ns, need_volumes=need_volumes)
+    except ConfigError as exc:
+        problems += exc.problems
+    if problems:
+        raise ConfigError(problems)
+    return cfg, ns
 
 
 def load(
@@ -253,8 +398,15 @@ def load(
 ) -> tuple[Config, configargparse.Namespace]:
     """Parse and validate; on a bad configuration print each problem and exit 2."""
     try:
-        return parse(argv, prog, description, extend=extend, need_volumes=need_volumes)
+        return read(argv, prog, description, extend=extend, need_volumes=need_volumes)
     except ConfigError as exc:
-        for problem in exc.problems:
-            print(f"{prog}: config: {problem}", file=sys.stderr)
-        raise SystemExit(2) from None
+        exit_on(exc.problems, prog)
+        raise  # not reached: exit_on exits on any problem
+
+
+def exit_on(problems: Sequence[str], prog: str) -> None:
+    """Print each problem on its own line and exit 2, if there is any."""
+    for problem in problems:
+        print(f"{prog}: config: {problem}", file=sys.stderr)
+    if problems:
+        raise SystemExit(2)

@@ -15,6 +15,7 @@ from typing import Protocol
 
 import pytest
 
+from mkv import config
 from tests.cluster import NginxVolume
 from tests.helpers import FakeVolume, SilentVolume
 from tests.service import MkvService
@@ -50,6 +51,21 @@ def stop_services(services: list[MkvService]) -> None:
     """Stopped in parallel: each waits for gunicorn's graceful shutdown."""
     with ThreadPoolExecutor(max_workers=max(1, len(services))) as pool:
         list(pool.map(MkvService.stop, services))
+
+
+# --- the configuration (mkv/config.py), for the whole run -------------------------------------
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_machine_config(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """The machine's /etc/mkv/mkv.conf never reaches a test: DEFAULT_CONFIG points at a file
+    that does not exist in this process, and the empty MKV_CONFIG every command started by a
+    test inherits means "no config file" (a test that needs one names it)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(config, "DEFAULT_CONFIG",
+                   str(tmp_path_factory.mktemp("etc") / "no-such-mkv.conf"))
+        mp.setenv("MKV_CONFIG", "")
+        yield
 
 
 # --- nginx volumes (tests/cluster.py), per test -------------------------------------------------

@@ -110,7 +110,7 @@ def pending_deletes(svc: MkvService) -> list[tuple[str, str]]:
 def run_cli(volumes: list[NginxVolume] | list[str], db: str | Path, *args: str,
             replicas: int = 3, timeout: float = 120) -> subprocess.CompletedProcess:
     addresses = [v if isinstance(v, str) else v.address for v in volumes]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MKV_")}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MKV_")} | {"MKV_CONFIG": ""}
     return subprocess.run(
         [sys.executable, "-m", "mkv.tools.rebuild", "--volumes", ",".join(addresses),
          "--db", str(db), "--replicas", str(replicas), "--volume-timeout", "5", *args],

@@ -1,15 +1,41 @@
-"""Configuration: precedence, validation with one line per problem, exit code 2."""
+"""Configuration: precedence, validation with one line per problem, exit code 2; one
+shared file for every command, switches only from the command line, the default file,
+--version, and `mkv volume`'s own keys."""
 
+import importlib.metadata
+import os
+import re
 import subprocess
 import sys
 
 import pytest
+import requests
 
-from mkv import config
+from mkv import cli, config
+from mkv.index import schema
+from mkv.model import Record, State
+from mkv.tools import rebalance, rebuild
+from tests.cluster import free_port, wait_http
+from tests.helpers import roundtrip, rows
 
 
 def load(argv):
     return config.load(argv)[0]
+
+
+def parser_of(command):
+    """Each command's parser, built the way the command builds it."""
+    if command == "mkv volume":
+        return cli.volume_parser()
+    parser = config.build_parser(command, "")
+    extend = {"mkv-rebuild": rebuild.add_arguments, "mkv-rebalance": rebalance.add_arguments}
+    if command in extend:
+        extend[command](parser)
+    return parser
+
+
+COMMANDS = ("mkv serve", "mkv volume", "mkv-rebuild", "mkv-rebalance")
+SHARED = set(config.build_parser("mkv", "").file_keys())
 
 
 def test_example_config_parses_with_every_option(tmp_path):
@@ -18,10 +44,191 @@ def test_example_config_parses_with_every_option(tmp_path):
     assert cfg.replicas == 3 and cfg.max_key_bytes == 1024
     assert cfg.writer_socket == str(tmp_path / "i.db") + ".writer.sock"
     options = {a.dest for a in config.build_parser("mkv", "").\
-               _actions if a.dest not in ("help", "config")}
+               _actions if a.dest not in ("help", "config", "version")}
     text = open("etc/mkv.conf").read()
     for dest in options:
         assert f"\n{dest.replace('_', '-')} =" in text, f"etc/mkv.conf lacks {dest}"
+    # the options of only some commands are there too, commented out (their defaults differ
+    # between the tools, or there is none); the command-line-only switches are not settings
+    for key in set(config.COMMAND_KEYS) - config.COMMAND_LINE_ONLY:
+        assert f"\n# {key} =" in text, f"etc/mkv.conf lacks {key}"
+    for key in config.COMMAND_LINE_ONLY:
+        assert not re.search(rf"^#? *{key} *=", text, re.M), f"etc/mkv.conf sets {key}"
+        assert f"--{key}" in text, f"etc/mkv.conf does not say where {key} goes"
+
+
+def test_the_table_of_command_keys_is_each_commands_parser():
+    """COMMAND_KEYS (what one command ignores as another's) is what the parsers have."""
+    for command in COMMANDS:
+        own = set(parser_of(command).file_keys())
+        expected = {k for k, cmds in config.COMMAND_KEYS.items() if command in cmds}
+        assert own - SHARED == expected, command
+        assert own & SHARED in (SHARED, set()), command  # all of the shared ones, or none
+    assert not set(config.COMMAND_KEYS) & SHARED
+
+
+def test_every_command_accepts_the_example_file(tmp_path):
+    (tmp_path / "v").mkdir()
+    for command in COMMANDS:
+        parser = parser_of(command)
+        ns = config.parse(parser, ["--config", "etc/mkv.conf", "--db", str(tmp_path / "i.db")]
+                          if command != "mkv volume" else
+                          ["--config", "etc/mkv.conf", "--root", str(tmp_path / "v"), "--port", "1"])
+        assert parser.problems == [], (command, parser.problems)
+        if command != "mkv volume":
+            config.validate(ns)
+
+
+def shared_file(tmp_path, *lines):
+    conf = tmp_path / "shared.conf"
+    conf.write_text("\n".join(["volumes = a:1,b:2,c:3", f"db = {tmp_path}/i.db",
+                               "concurrency = 7", "limit-rate = 1000", "verify = true",
+                               "quiet = true", f"volume-root = {tmp_path}/vol",
+                               "volume-port = 3999", "volume-bind = 127.0.0.2",
+                               "port = 4000", "bind = 127.0.0.3", *lines]) + "\n")
+    return conf
+
+
+def test_one_shared_file_each_command_takes_its_own_keys(tmp_path):
+    conf = shared_file(tmp_path)
+    cfg, _ = config.load(["--config", str(conf)], prog="mkv serve")
+    assert (cfg.port, cfg.bind, cfg.volumes) == (4000, "127.0.0.3", ("a:1", "b:2", "c:3"))
+    _, ns = config.load(["--config", str(conf)], extend=rebalance.add_arguments)
+    assert (ns.concurrency, ns.limit_rate, ns.verify, ns.quiet) == (7, 1000.0, True, True)
+    _, ns = config.load(["--config", str(conf)], extend=rebuild.add_arguments)
+    assert (ns.concurrency, ns.no_progress, ns.force) == (7, True, False)
+    parser = cli.volume_parser()
+    ns = config.parse(parser, ["--config", str(conf)])
+    assert parser.problems == []
+    assert (str(ns.root), ns.port, ns.bind) == (f"{tmp_path}/vol", 3999, "127.0.0.2")
+
+
+def test_the_service_starts_on_a_file_with_the_tools_options(volumes, make_service, tmp_path):
+    """The shared file, tools' keys and all (even another command's switch), starts
+    `mkv serve`: it was refused for `concurrency = 4`."""
+    conf = shared_file(tmp_path, "force = yes", "dry-run = true")
+    svc = make_service(volumes, extra=["--config", str(conf)])
+    roundtrip(svc.url, "/shared-file")
+
+
+def test_a_key_no_command_has_is_refused_by_every_command_with_a_hint(tmp_path):
+    conf = shared_file(tmp_path, "concurency = 3")
+    for argv in ([sys.executable, "-m", "mkv", "serve"], [sys.executable, "-m", "mkv", "volume"],
+                 [sys.executable, "-m", "mkv.tools.rebuild"],
+                 [sys.executable, "-m", "mkv.tools.rebalance"]):
+        r = subprocess.run([*argv, "--config", str(conf)], capture_output=True, text=True,
+                           timeout=30)
+        assert r.returncode == 2, (argv, r.stderr)
+        assert f"config: concurency: no mkv command has this option ({conf}); did you mean " \
+               "concurrency?" in r.stderr, (argv, r.stderr)
+
+
+def test_force_and_dry_run_only_from_the_command_line(volumes, tmp_path):
+    """MKV_FORCE=yes used to turn on --force unseen; from the environment or the file the
+    switches are refused, and nothing is done."""
+    (tmp_path / "idx").mkdir()
+    db = tmp_path / "idx" / "i.db"
+    vols = ",".join(v.address for v in volumes)
+    base = ["--volumes", vols, "--replicas", "1", "--db", str(db)]
+    # an index with a key, which a forced rebuild of the empty volumes would replace
+    conn = schema.open_index(str(db))
+    with conn:
+        schema.write_records(conn, [Record("/old", State.LIVE, ("x:1",), 1, "", 1.0)])
+    conn.close()
+    before = db.read_bytes()
+
+    def run(module, *args, env=None, **kw):
+        return subprocess.run([sys.executable, "-m", module, *base, *args], capture_output=True,
+                              text=True, timeout=60, env={**os.environ, **(env or {})}, **kw)
+
+    r = run("mkv.tools.rebuild", env={"MKV_FORCE": "yes"})
+    assert r.returncode == 2
+    assert "force: only on the command line (--force), not from MKV_FORCE" in r.stderr
+    conf = tmp_path / "force.conf"
+    conf.write_text("force = true\n")
+    r = run("mkv.tools.rebuild", "--config", str(conf))
+    assert r.returncode == 2 and f"force: only on the command line (--force), not in {conf}" \
+        in r.stderr
+    assert db.read_bytes() == before and set(rows(db)) == {"/old"}
+
+    r = run("mkv.tools.rebalance", env={"MKV_DRY_RUN": "1"})
+    assert r.returncode == 2 and "dry-run: only on the command line (--dry-run)" in r.stderr
+    conf.write_text("dry-run = yes\n")
+    r = run("mkv.tools.rebalance", "--config", str(conf))
+    assert r.returncode == 2 and f"dry-run: only on the command line (--dry-run), not in {conf}" \
+        in r.stderr
+
+    # on the command line they work as before
+    r = run("mkv.tools.rebalance", "--dry-run")
+    assert r.returncode == 0 and "dry run: 1 keys" in r.stdout, r.stderr
+    r = run("mkv.tools.rebuild", "--force")
+    assert r.returncode == 0, r.stderr
+    assert rows(db) == {}
+
+
+def test_the_default_file_is_read_only_when_none_is_named(tmp_path, monkeypatch):
+    default = tmp_path / "etc-mkv.conf"
+    default.write_text(f"volumes = a:1\nreplicas = 1\ndb = {tmp_path}/i.db\nport = 4100\n")
+    other = tmp_path / "other.conf"
+    other.write_text(f"volumes = b:2\nreplicas = 1\ndb = {tmp_path}/i.db\n")
+    monkeypatch.setattr(config, "DEFAULT_CONFIG", str(default))
+    monkeypatch.delenv("MKV_CONFIG")
+    assert load([]).port == 4100
+    named = load(["--config", str(other)])
+    assert named.volumes == ("b:2",) and named.port == 3000  # nothing of the default file
+    monkeypatch.setenv("MKV_CONFIG", str(other))
+    assert load([]).port == 3000
+    monkeypatch.setenv("MKV_CONFIG", "")  # no file at all
+    with pytest.raises(SystemExit):
+        load([])
+    assert load(["--volumes", "c:3", "--replicas", "1", "--db", str(tmp_path / "i.db")]).port == 3000
+    monkeypatch.setattr(config, "DEFAULT_CONFIG", str(tmp_path / "missing.conf"))
+    monkeypatch.delenv("MKV_CONFIG")
+    assert load(["--volumes", "c:3", "--replicas", "1", "--db", str(tmp_path / "i.db")]).port == 3000
+
+
+def test_every_command_has_version_from_the_package_metadata():
+    version = importlib.metadata.version("mkv")
+    for argv, prog in ((["mkv"], "mkv"), (["mkv", "serve"], "mkv serve"),
+                       (["mkv", "volume"], "mkv volume"), (["mkv.tools.rebuild"], "mkv-rebuild"),
+                       (["mkv.tools.rebalance"], "mkv-rebalance")):
+        r = subprocess.run([sys.executable, "-m", *argv, "--version"], capture_output=True,
+                           text=True, timeout=30)
+        assert (r.returncode, r.stdout) == (0, f"{prog} {version}\n"), (argv, r.stderr)
+
+
+def test_mkv_volume_reads_the_file_and_the_environment_under_its_own_names(tmp_path):
+    """volume-port in the file, MKV_VOLUME_ROOT in the environment; the service's port
+    and bind in the same file are not the volume's."""
+    port = free_port()
+    conf = tmp_path / "mkv.conf"
+    conf.write_text(f"volume-port = {port}\nport = 1\nbind = 10.9.9.9\nvolumes = a:1\n")
+    root = tmp_path / "from-env"
+    env = {**os.environ, "MKV_VOLUME_ROOT": str(root)}
+    proc = subprocess.Popen([sys.executable, "-m", "mkv", "volume", "--config", str(conf)],
+                            env=env, start_new_session=True, stderr=subprocess.PIPE)
+    try:
+        wait_http(f"http://127.0.0.1:{port}/-/ping")
+        assert requests.put(f"http://127.0.0.1:{port}/ab/cd/x", data=b"1").status_code == 201
+        assert (root / "ab" / "cd" / "x").read_bytes() == b"1"
+    finally:
+        proc.terminate()
+        assert proc.wait(10) == 0
+    # flags win over both, exactly as before
+    flag_port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "mkv", "volume", "--config", str(conf),
+                             "--root", str(tmp_path / "flag"), "--port", str(flag_port)],
+                            env=env, start_new_session=True)
+    try:
+        wait_http(f"http://127.0.0.1:{flag_port}/-/ping")
+        assert requests.put(f"http://127.0.0.1:{flag_port}/ab/cd/y", data=b"2").status_code == 201
+        assert (tmp_path / "flag" / "ab" / "cd" / "y").read_bytes() == b"2"
+    finally:
+        proc.terminate()
+        assert proc.wait(10) == 0
+    r = subprocess.run([sys.executable, "-m", "mkv", "volume", "--port", "1"],
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode == 2 and "--root" in r.stderr
 
 
 def test_precedence_flag_over_env_over_file(tmp_path, monkeypatch):

@@ -48,9 +48,11 @@ def _run(argv: list[str], timeout: float, **kw: object) -> subprocess.CompletedP
 
 
 def _clean_env() -> dict[str, str]:
-    """The environment of an operator's shell: no mkv settings, nothing pointing at the checkout."""
+    """The environment of an operator's shell: no mkv settings, nothing pointing at the checkout
+    (and no config file: the machine's /etc/mkv/mkv.conf is not the test's)."""
     return {name: value for name, value in os.environ.items()
-            if not name.startswith("MKV_") and name not in ("PYTHONPATH", "VIRTUAL_ENV")}
+            if not name.startswith("MKV_") and name not in ("PYTHONPATH", "VIRTUAL_ENV")
+            } | {"MKV_CONFIG": ""}
 
 
 @pytest.fixture(scope="module")
@@ -149,3 +151,14 @@ def test_installed_mkv_volume_serves_and_stops_on_sigterm(venv: Path, tmp_path: 
             except ProcessLookupError:
                 pass
             proc.wait()
+
+
+def test_every_installed_command_reports_the_wheels_version(venv: Path, wheel: Path,
+                                                            tmp_path: Path) -> None:
+    """--version comes from the installed package's metadata: the wheel's own version."""
+    version = wheel.name.split("-")[1]
+    for argv in (["mkv"], ["mkv", "serve"], ["mkv", "volume"], ["mkv-rebuild"],
+                 ["mkv-rebalance"]):
+        out = _run([str(venv / "bin" / argv[0]), *argv[1:], "--version"], timeout=30,
+                   cwd=tmp_path, env=_clean_env()).stdout
+        assert out == f"{' '.join(argv)} {version}\n", (argv, out)

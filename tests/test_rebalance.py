@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import os
+import pty
 import random
 import re
 import signal
@@ -24,6 +26,7 @@ from mkv.core import rebalance_plan
 from mkv.keys import blob_path, sidecar_path
 from mkv.model import Record, State
 from mkv.ring import Ring
+from mkv.tools.progress import FILE_INTERVAL, TTY_INTERVAL, Progress
 from mkv.tools.rebalance import Rebalancer, add_arguments
 from mkv.tools.throttle import RateLimiter
 from mkv.writer.protocol import LockLost
@@ -55,6 +58,37 @@ def test_rate_limiter():
     assert lim.delay(500, 0.0) == pytest.approx(0.5)
     assert lim.delay(0, 1.0) == 0.0  # refilled
     assert RateLimiter(0).delay(10**9, 0.0) == 0.0
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_progress_is_rewritten_on_a_terminal_and_a_line_every_10s_in_a_file():
+    clock = Clock()
+    tty, log, quiet = Terminal(), io.StringIO(), Terminal()
+    shows = [Progress(out, clock=clock) for out in (tty, log)] + [
+        Progress(quiet, enabled=False, clock=clock)]
+    assert (shows[0].interval, shows[1].interval) == (TTY_INTERVAL, FILE_INTERVAL) == (0.25, 10)
+    for i in range(1, 81):  # 20 s, a quarter second at a time
+        clock.now += 0.25
+        for show in shows:
+            show.show(f"at {i}")
+    for show in shows:
+        show.end()
+    assert tty.getvalue().count("\r") == 80 and tty.getvalue().endswith("\rat 80\x1b[K\n")
+    assert "\n" not in tty.getvalue()[:-1]  # one line, rewritten in place
+    assert log.getvalue() == "at 40\nat 80\n"  # every 10 s, each on its own line
+    assert quiet.getvalue() == ""
 
 
 # --- helpers ---
@@ -566,3 +600,101 @@ def test_verify_replaces_a_corrupt_copy_of_the_right_size(volumes, make_service)
     for vol in volumes:
         assert (vol.root / blob_of(svc.db, one)).read_bytes() == value(one)
     assert records(svc.db) == before
+
+
+class PtyRun:
+    """mkv-rebalance with its stderr on a terminal (a pty), read as it comes."""
+
+    def __init__(self, argv: list[str]) -> None:
+        master, slave = pty.openpty()
+        self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=slave, stderr=slave)
+        os.close(slave)
+        self.master = master
+        self.chunks: list[bytes] = []
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+
+    def _read(self) -> None:
+        while True:
+            try:
+                data = os.read(self.master, 65536)
+            except OSError:  # EIO: every writer closed the terminal
+                break
+            if not data:
+                break
+            self.chunks.append(data)
+
+    @property
+    def output(self) -> str:
+        return b"".join(self.chunks).decode(errors="replace")
+
+    def finish(self, timeout: float = 120) -> int:
+        try:
+            code = self.proc.wait(timeout)
+        finally:
+            if self.proc.poll() is None:
+                self.proc.kill()
+        self.reader.join(10)
+        os.close(self.master)
+        return code
+
+
+def test_ctrl_c_on_a_terminal_stops_in_order_with_a_summary_and_exit_130(four, make_service):
+    svc = make_service(four[:3], replicas=3)
+    big = lambda k: value(k) * 200  # noqa: E731 - ~100-400 KB each
+    keys = KEYS[:80]
+    load(svc, keys, body=big)
+    svc.stop()
+    argv = [sys.executable, "-m", "mkv.tools.rebalance", "--volumes",
+            ",".join(v.address for v in four), "--db", svc.db]
+    run = PtyRun([*argv, "--limit-rate", "2000000"])
+    moved = re.compile(r"\rmkv-rebalance: progress: examined \d+/80, moved [1-9]")
+    deadline = time.monotonic() + 60
+    while not moved.search(run.output):
+        assert run.proc.poll() is None, f"finished before it could be interrupted:\n{run.output}"
+        assert time.monotonic() < deadline, run.output
+        time.sleep(0.05)
+    run.proc.send_signal(signal.SIGINT)
+    assert run.finish() == 130, run.output
+    out = run.output
+    assert "\x1b[K" in out  # the progress line was rewritten in place
+    assert "Traceback" not in out and "KeyboardInterrupt" not in out
+    summary_line = [ln for ln in out.splitlines() if "mkv-rebalance: interrupted:" in ln]
+    assert len(summary_line) == 1, out
+    assert re.search(r"examined \d+/80, moved [1-9]\d*, .*run it again to finish", summary_line[0])
+    # stopped in order: every copy on disk is one the index names, none half made
+    halfway = records(svc.db)
+    assert on_disk(four) == expected_files(halfway)
+    ring = Ring([v.address for v in four])
+    assert 0 < sum(rec.volumes == tuple(ring.place(k, 3)) for k, rec in halfway.items()) < len(keys)
+
+    quiet = PtyRun([*argv, "--quiet"])
+    assert quiet.finish() == 0, quiet.output
+    assert "progress" not in quiet.output
+    assert [ln for ln in quiet.output.splitlines() if ln.strip()] == [
+        ln for ln in quiet.output.splitlines() if "mkv-rebalance: done: examined 80/80" in ln]
+    assert_clean(svc.db, four, four, 3)
+
+
+def test_sigterm_with_the_output_in_a_pipe_stops_in_order_too(four, make_service):
+    svc = make_service(four[:3], replicas=3)
+    big = lambda k: value(k) * 200  # noqa: E731 - ~100-400 KB each
+    load(svc, KEYS[:60], body=big)
+    svc.stop()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mkv.tools.rebalance", "--volumes",
+         ",".join(v.address for v in four), "--db", svc.db, "--limit-rate", "1000000"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not list(four[3].root.glob("[0-9a-f][0-9a-f]/[0-9a-f][0-9a-f]/*")):
+        assert proc.poll() is None, "finished before it could be stopped"
+        assert time.monotonic() < deadline, "no copy to the new volume"
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert "\r" not in err and "Traceback" not in err
+    assert "mkv-rebalance: interrupted: examined " in err and "run it again to finish" in err
+    assert on_disk(four) == expected_files(records(svc.db))
+    assert rebalance(svc, four).returncode == 0
+    assert_clean(svc.db, four, four, 3)

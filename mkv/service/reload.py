@@ -49,7 +49,7 @@ def read(argv: Sequence[str], old: Config) -> Plan | None:
     err = io.StringIO()
     try:
         with contextlib.redirect_stderr(err):
-            new, _ = config_mod.parse(argv, prog="mkv serve")
+            new, _ = config_mod.read(argv, prog="mkv serve")
     except ConfigError as exc:
         for problem in exc.problems:
             log.error("reload refused, the configuration is unchanged: %s", problem)

@@ -28,7 +28,7 @@ from mkv.health.reporter import FailureReporter, health_socket_path
 from mkv.index import schema
 from mkv.index.cache import ChangeCount, RecordCache
 from mkv.index.reader import Reader
-from mkv.service import metrics, ratelimit, reload
+from mkv.service import childmetrics, metrics, ratelimit, reload
 from mkv.service.app import create_app
 from mkv.service.store import Store
 from mkv.service.supervise import Child, Supervisor
@@ -125,13 +125,30 @@ class Hooks:
         self.changes: ChangeCount | None = None
 
     def on_starting(self, server: Any) -> None:
-        """Master, before forking workers: start and supervise the writer and health."""
+        """Master, before forking workers: start and supervise the writer and health.
+
+        gunicorn reaps with waitpid(-1) when a child exits, which would collect our
+        children's exit status too and leave the supervisor nothing to log. Its reaping
+        is wrapped so the supervisor first collects its own children, by pid.
+        """
         self.changes = ChangeCount.create()
         os.environ[CHANGES_FD_ENV] = str(self.changes.fd)  # inherited by every worker
         os.environ[LIST_BUCKET_FD_ENV] = str(ratelimit.create())
         publish_config(self.cfg)
-        self.supervisor = Supervisor(children(self.cfg, self.changes))
-        self.supervisor.start()
+        procs = children(self.cfg, self.changes)
+        childmetrics.zero(c.name for c in procs)
+        supervisor = self.supervisor = Supervisor(procs, on_restart=childmetrics.restarted)
+        gunicorn_reap = server.reap_workers
+
+        def reap_workers() -> None:
+            try:
+                supervisor.reap()
+            except Exception:  # noqa: BLE001 - never in the way of gunicorn's own reaping
+                log.exception("collecting the writer's and health's exit status failed")
+            gunicorn_reap()
+
+        server.reap_workers = reap_workers
+        supervisor.start()
 
     def on_reload(self, server: Any) -> None:
         """Master, on SIGHUP, before gunicorn starts the new workers (and gracefully stops

@@ -1,24 +1,33 @@
 """One status line for the tools (mkv-rebuild, mkv-rebalance) on stderr: rewritten in
-place on a terminal, a new line every few seconds when the output is a file or a pipe."""
+place on a terminal, a new line every FILE_INTERVAL seconds when the output is a file or
+a pipe (a log is read later, and a line every quarter second would bury the summary)."""
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import TextIO
+
+#: Seconds between rewrites of the line on a terminal.
+TTY_INTERVAL = 0.25
+#: Seconds between lines in a file or a pipe.
+FILE_INTERVAL = 10.0
 
 
 class Progress:
-    def __init__(self, out: TextIO, enabled: bool = True, file_interval: float = 2.0) -> None:
+    def __init__(self, out: TextIO, enabled: bool = True, file_interval: float = FILE_INTERVAL,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.out = out
         self.enabled = enabled
         self.tty = enabled and hasattr(out, "isatty") and out.isatty()
-        self.interval = 0.25 if self.tty else file_interval
-        self.last = time.monotonic()  # a run shorter than one interval shows no progress
+        self.interval = TTY_INTERVAL if self.tty else file_interval
+        self.clock = clock
+        self.last = clock()  # a run shorter than one interval shows no progress
         self.shown = False
 
     def show(self, line: str, force: bool = False) -> None:
         """Show `line` if an interval has passed since the last (or if `force`)."""
-        now = time.monotonic()
+        now = self.clock()
         if not self.enabled or (not force and now - self.last < self.interval):
             return
         self.last = now

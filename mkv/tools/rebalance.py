@@ -9,6 +9,11 @@ unwanted copies, then point the index at exactly the ring's volumes. The index
 never names a copy that does not exist, and a copy is never deleted before the
 index stops needing it, so a kill at any moment leaves a state the next run
 finishes. Pending deletes are finished on the way.
+
+Ctrl-C (SIGINT) or SIGTERM stops it in order: no new key is started, copies under
+way are cut short and removed, the keys in hand are settled, and the summary of what
+was done is printed (exit 128 + the signal: 130 for Ctrl-C). A second one ends the
+process at once, which is as safe as any kill.
 """
 
 from __future__ import annotations
@@ -16,6 +21,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
+import os
+import signal
 import sys
 import threading
 import time
@@ -56,6 +63,10 @@ class KeyProblem(Exception):
     """This key could not be put in place; the message says why (reported, exit 1)."""
 
 
+class Interrupted(Exception):
+    """The run is being stopped (Ctrl-C): this key's copy is cut short and left as it was."""
+
+
 @dataclasses.dataclass
 class Stats:
     total: int = 0
@@ -66,21 +77,25 @@ class Stats:
     deletions: int = 0
     bytes: int = 0
     cleaned: int = 0
+    interrupted: int = 0
     problems: dict[str, str] = dataclasses.field(default_factory=dict)
 
 
 def add_arguments(p: configargparse.ArgumentParser) -> None:
-    p.add_argument("--dry-run", action="store_true", help="print the plan, change nothing")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the plan, change nothing (only on the command line)")
     p.add_argument("--concurrency", type=int, default=4, help="keys moved at once")
     p.add_argument("--limit-rate", type=float, default=0,
                    help="bytes per second copied, across all keys (0: unlimited)")
     p.add_argument("--verify", action="store_true",
                    help="check each source copy's md5, not only its size")
+    p.add_argument("--quiet", action="store_true",
+                   help="no progress lines (the summary is still printed)")
 
 
 class Rebalancer:
     def __init__(self, cfg: Config, *, concurrency: int, limit_rate: float, verify: bool,
-                 out=sys.stderr) -> None:
+                 out=sys.stderr, quiet: bool = False) -> None:
         self.cfg = cfg
         self.ring = cfg.ring()
         self.reader = Reader(schema.connect(cfg.db, synchronous=cfg.synchronous))
@@ -96,6 +111,9 @@ class Rebalancer:
             lambda: WriterClient(cfg.writer_socket, timeout=cfg.volume_timeout * 3))
         self.stats = Stats()
         self.out = out
+        self.quiet = quiet
+        #: set by `interrupt`: start no key, cut copies short
+        self.stopping = threading.Event()
 
     # --- plumbing ---
 
@@ -108,11 +126,17 @@ class Rebalancer:
             for name, n in deltas.items():
                 setattr(self.stats, name, getattr(self.stats, name) + n)
 
+    def interrupt(self) -> None:
+        """Stop in order (from a signal handler: only sets a flag)."""
+        self.stopping.set()
+
     def _throttle(self, n: int) -> None:
         with self._rate_lock:
             wait = self.limiter.delay(n, time.monotonic())
         if wait > 0:
-            time.sleep(wait)
+            self.stopping.wait(wait)
+        if self.stopping.is_set():
+            raise Interrupted
 
     # --- checks ---
 
@@ -164,7 +188,7 @@ class Rebalancer:
                     digest.update(chunk)
                 got += len(chunk)
                 yield chunk
-        except SourceFailed:
+        except (SourceFailed, Interrupted):
             raise
         except Exception as exc:  # noqa: BLE001 - whatever broke the read, it is the source's
             raise SourceFailed(f"read failed: {exc}") from exc
@@ -193,7 +217,7 @@ class Rebalancer:
                     fan.send(chunk)
                     if fan.failed.is_set():
                         break
-            except SourceFailed:
+            except (SourceFailed, Interrupted):
                 fan.abort()
                 raise
             failed = [r for r in fan.finish() if r is not None]
@@ -214,7 +238,7 @@ class Rebalancer:
             except (SourceFailed, VolumeError) as exc:
                 errors.append(f"{src}: {exc}")
                 continue
-            except KeyProblem:
+            except (KeyProblem, Interrupted):
                 self._discard(rec, targets)
                 raise
             if digest is not None and digest.hexdigest() != rec.md5:
@@ -236,7 +260,7 @@ class Rebalancer:
     def _discard(self, rec: Record, targets: tuple[str, ...]) -> None:
         """Remove what a failed copy left on volumes the record does not name."""
         with contextlib.suppress(LockLost):
-            self._drop(rec, tuple(v for v in targets if v not in rec.volumes))
+            self._drop(rec, tuple(v for v in targets if v not in rec.volumes), count=False)
 
     @staticmethod
     def _sidecar(rec: Record) -> bytes:
@@ -249,14 +273,16 @@ class Rebalancer:
             raise KeyProblem("sidecar write failed: " + "; ".join(map(str, errors.values())))
         self.count(sidecars=len(targets))
 
-    def _drop(self, rec: Record, volumes: tuple[str, ...]) -> list[str]:
+    def _drop(self, rec: Record, volumes: tuple[str, ...], count: bool = True) -> list[str]:
         """Delete copies (Pool.remove_copies); the volumes where it failed. Only while
-        the key's lock is still held (WriterClient.held raises LockLost, nothing removed)."""
+        the key's lock is still held (WriterClient.held raises LockLost, nothing removed).
+        Not counted (`count=False`) when what is removed is a failed copy's leftovers."""
         if not volumes:
             return []
         self.writer.held(rec.key)
         errors = self.pool.remove_copies(rec.key, volumes, rec.gen)
-        self.count(deletions=len(volumes) - len(errors))
+        if count:
+            self.count(deletions=len(volumes) - len(errors))
         return [vol for vol in volumes if vol in errors]
 
     def _finish_delete(self, rec: Record) -> None:
@@ -296,8 +322,11 @@ class Rebalancer:
             self.writer.release(rec.key)
         self.count(moved=1)
 
-    def process(self, key: str) -> bool:
-        """Put one key in place. False when its lock is busy (try again later)."""
+    def process(self, key: str) -> bool | None:
+        """Put one key in place. False when its lock is busy (try again later), None when
+        the run is stopping and the key was not started."""
+        if self.stopping.is_set():
+            return None
         try:
             current = self.writer.lock(key, retry=True)
         except KeyLocked:
@@ -317,6 +346,9 @@ class Rebalancer:
             with self._stats_lock:
                 self.stats.problems[key] = str(exc)
             self.writer.release(key)
+        except Interrupted:
+            self.count(interrupted=1)
+            self.writer.release(key)
         return True
 
     # --- the walk ---
@@ -325,14 +357,14 @@ class Rebalancer:
         self.stats.total = self.reader.count()
         busy: list[str] = []
         stop = threading.Event()
-        show = Progress(self.out, file_interval=1.0)
+        show = Progress(self.out, enabled=not self.quiet)
         progress = threading.Thread(target=self._progress, args=(stop, show), daemon=True)
         progress.start()
         started = time.monotonic()
         try:
             with ThreadPoolExecutor(self.concurrency, thread_name_prefix="rebalance") as keys_pool:
                 after = ""
-                while True:
+                while not self.stopping.is_set():
                     page = self.reader.scan(after, PAGE)
                     if not page:
                         break
@@ -340,33 +372,42 @@ class Rebalancer:
                     for key, done in zip((r.key for r in page),
                                          keys_pool.map(self.process, [r.key for r in page]),
                                          strict=True):
+                        if done is None:
+                            continue  # not started: the run is stopping
                         self.count(examined=1)
                         if not done:
                             busy.append(key)
             for attempt in range(BUSY_RETRIES):
-                if not busy:
+                if not busy or self.stopping.is_set():
                     break
-                time.sleep(0.2 * (attempt + 1))
-                busy = [k for k in busy if not self.process(k)]
-            for key in busy:
-                self.stats.problems[key] = "in use by a client write the whole time (locked)"
+                self.stopping.wait(0.2 * (attempt + 1))
+                busy = [k for k in busy if self.process(k) is False]
+            if not self.stopping.is_set():
+                for key in busy:
+                    self.stats.problems[key] = "in use by a client write the whole time (locked)"
         finally:
             stop.set()
             progress.join()
         show.end()
-        print(self._line(time.monotonic() - started, final=True), file=self.out, flush=True)
+        state = "interrupted" if self.stopping.is_set() else "done"
+        print(self._line(time.monotonic() - started, state), file=self.out, flush=True)
         return self.stats
 
-    def _line(self, elapsed: float, final: bool = False) -> str:
+    def _line(self, elapsed: float, state: str = "progress") -> str:
         s = self.stats
         rate = s.examined / elapsed if elapsed > 0 else 0.0
         eta = (s.total - s.examined) / rate if rate > 0 else 0.0
-        return (f"mkv-rebalance: {'done' if final else 'progress'}: examined {s.examined}/{s.total}, "
+        line = (f"mkv-rebalance: {state}: examined {s.examined}/{s.total}, "
                 f"moved {s.moved}, copies {s.copies}, sidecars {s.sidecars}, "
                 f"deletions {s.deletions}, pending deletes finished {s.cleaned}, "
-                f"{s.bytes / 1e6:.1f} MB, errors {len(s.problems)}, {rate:.0f} keys/s"
-                + ("" if final else f", ETA {eta:.0f}s")
-                + (f", {elapsed:.1f}s" if final else ""))
+                f"{s.bytes / 1e6:.1f} MB, errors {len(s.problems)}, {rate:.0f} keys/s")
+        if state == "progress":
+            return line + f", ETA {eta:.0f}s"
+        line += f", {elapsed:.1f}s"
+        if state == "interrupted":
+            line += (f"; {s.interrupted} moves cut short (their copies removed), "
+                     f"{s.total - s.examined} keys not examined: run it again to finish")
+        return line
 
     def _progress(self, stop: threading.Event, show: Progress) -> None:
         started = time.monotonic()
@@ -403,7 +444,34 @@ def dry_run(cfg: Config, out=sys.stdout) -> Counter:
     return plan
 
 
+def stop_on_signals(rebalancer: Rebalancer) -> dict[str, int]:
+    """SIGINT and SIGTERM stop the run in order; a second one ends the process at once.
+    The returned dict gets the signal that came, for the exit code."""
+    got: dict[str, int] = {}
+
+    def handle(signum: int, frame: object) -> None:
+        if got:
+            os.write(2, b"mkv-rebalance: stopping at once\n")
+            os._exit(128 + got["signal"])
+        got["signal"] = signum
+        os.write(2, b"\nmkv-rebalance: stopping: finishing the keys in hand "
+                    b"(again to stop at once)\n")
+        rebalancer.interrupt()
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, handle)
+    return got
+
+
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:  # before the run's own handling is in place: nothing done yet
+        print("mkv-rebalance: interrupted; nothing changed", file=sys.stderr)
+        return 128 + signal.SIGINT
+
+
+def _main(argv: list[str] | None) -> int:
     cfg, ns = config_mod.load(argv, prog="mkv-rebalance",
                               description="Move blobs to match the configured volumes.",
                               extend=add_arguments)
@@ -424,8 +492,10 @@ def main(argv: list[str] | None = None) -> int:
         # starting on this index until the rebalance is over
         own_writer = serve_in_thread(cfg.db, cfg.writer_socket)
     try:
-        stats = Rebalancer(cfg, concurrency=ns.concurrency, limit_rate=ns.limit_rate,
-                           verify=ns.verify).run()
+        rebalancer = Rebalancer(cfg, concurrency=ns.concurrency, limit_rate=ns.limit_rate,
+                                verify=ns.verify, quiet=ns.quiet)
+        interrupted = stop_on_signals(rebalancer)
+        stats = rebalancer.run()
     finally:
         if own_writer is not None:
             server, thread = own_writer
@@ -436,8 +506,9 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         for key, why in sorted(stats.problems.items()):
             print(f"  {key!r}: {why}", file=sys.stderr)
-        return 1
-    return 0
+    if interrupted:
+        return 128 + interrupted["signal"]
+    return 1 if stats.problems else 0
 
 
 if __name__ == "__main__":

@@ -73,6 +73,14 @@ class UsageError(Exception):
     """The rebuild must not start: exit 2 with this message."""
 
 
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM mid-rebuild: nothing was written; `stats` is how far it got."""
+
+    def __init__(self, stats: Stats) -> None:
+        super().__init__("interrupted")
+        self.stats = stats
+
+
 # --- HTTP: pipelined GETs through the volume client ---------------------------------
 
 
@@ -486,6 +494,9 @@ def rebuild(cfg: Config, db: str, *, force: bool = False, concurrency: int = DEF
             stats.sqlite_s += time.monotonic() - t
             written = True
         finished = True
+    except KeyboardInterrupt as exc:
+        stats.elapsed = time.monotonic() - started
+        raise Interrupted(stats) from exc
     finally:
         show.end()
         pool.shutdown(wait=finished, cancel_futures=True)
@@ -516,12 +527,14 @@ def _insert(conn: apsw.Connection, records: list[Record], superseded: list[Pendi
     return time.monotonic() - t
 
 
-def _extend(parser) -> None:
+def add_arguments(parser) -> None:  # noqa: ANN001 - a mkv.config.Parser
     parser.add_argument("--concurrency", type=int, default=DEFAULT_CONCURRENCY,
                         help="threads listing directories and reading sidecars in parallel")
     parser.add_argument("--force", action="store_true",
-                        help="replace an existing non-empty index at --db")
-    parser.add_argument("--no-progress", action="store_true", help="no progress lines on stderr")
+                        help="replace an existing non-empty index at --db "
+                             "(only on the command line)")
+    parser.add_argument("--quiet", "--no-progress", dest="no_progress", action="store_true",
+                        help="no progress lines on stderr")
 
 
 def _terminate(signum: int, frame: object) -> None:
@@ -533,7 +546,7 @@ def main(argv: list[str] | None = None) -> int:
         argv, prog=PROG,
         description="Rebuild the mkv index from the volumes' blobs and .key sidecars. "
                     "Exit 0 clean, 1 problems found or volumes unreachable (partial), 2 usage.",
-        extend=_extend)
+        extend=add_arguments)
     if ns.concurrency < 1:
         print(f"{PROG}: config: concurrency: must be at least 1", file=sys.stderr)
         return 2
@@ -545,6 +558,12 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as exc:
         print(f"{PROG}: {exc}", file=sys.stderr)
         return 2
+    except Interrupted as exc:
+        s = exc.stats
+        print(f"{PROG}: interrupted after {s.elapsed:.1f}s: {s.dirs_done}/{s.dirs_total} "
+              f"directories of {s.volumes_scanned}/{s.volumes} volumes scanned, {s.keys} keys "
+              f"found; index not written, {cfg.db} left as it was", file=sys.stderr)
+        return 130
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted; {cfg.db} left as it was", file=sys.stderr)
         return 130
