@@ -16,10 +16,11 @@ import sys
 import threading
 from typing import Any
 
+from gunicorn import glogging
 from gunicorn.app.base import BaseApplication
 from gunicorn.config import Config as GunicornConfig
 
-from mkv import core
+from mkv import core, logs
 from mkv.config import Config
 from mkv.health.reporter import FailureReporter, health_socket_path
 from mkv.index import schema
@@ -89,6 +90,7 @@ def children(cfg: Config, changes: ChangeCount) -> list[Child]:
     me = ["--parent", str(os.getpid())]
     writer = Child("writer", [*py, "mkv.writer", "--db", cfg.db, "--socket", cfg.writer_socket,
                               "--synchronous", cfg.synchronous, "--log-level", cfg.log_level,
+                              "--log-format", cfg.log_format,
                               "--changes-fd", str(changes.fd), *me],
                    ready=lambda: wait_ready(cfg.writer_socket, timeout=15),
                    pass_fds=(changes.fd,))
@@ -100,8 +102,26 @@ def children(cfg: Config, changes: ChangeCount) -> list[Child]:
                               "--ok-count", str(cfg.health_ok_count),
                               "--orphan-after", str(core.orphan_grace(cfg.volume_timeout,
                                                                       cfg.client_timeout)),
-                              "--log-level", cfg.log_level, *me])
+                              "--log-level", cfg.log_level, "--log-format", cfg.log_format,
+                              *me])
     return [writer, health]
+
+
+def gunicorn_logger(log_format: str) -> type[glogging.Logger]:
+    """gunicorn's logger class, writing gunicorn's own lines in mkv's format (mkv.logs):
+    its error log goes to the root logger, which `logs.setup` gives mkv's handler. Its
+    access log stays off: the service writes its own (mkv.service.requestlog)."""
+
+    class MkvGunicornLogger(glogging.Logger):
+        def setup(self, cfg: Any) -> None:  # also run by gunicorn's reload
+            super().setup(cfg)
+            logs.setup(cfg.loglevel, log_format, "serve")
+            for handler in list(self.error_log.handlers):
+                if getattr(handler, "_gunicorn", False):
+                    self.error_log.removeHandler(handler)
+            self.error_log.propagate = True
+
+    return MkvGunicornLogger
 
 
 class Hooks:
@@ -126,6 +146,7 @@ class Hooks:
         its thread pool's shutdown until the master SIGKILLs it 30 s later.
         """
         signal.signal(signal.SIGINT, signal.SIG_IGN)
+        logs.set_process_name("worker")
 
     def child_exit(self, server: Any, worker: Any) -> None:
         metrics.worker_exited(worker.pid)
@@ -150,6 +171,8 @@ def gunicorn_settings(cfg: Config) -> dict[str, Any]:
         "keepalive": 5,
         "loglevel": cfg.log_level,
         "errorlog": "-",
+        "accesslog": None,
+        "logger_class": gunicorn_logger(cfg.log_format),
         "proc_name": "mkv",
         "on_starting": hooks.on_starting,
         "post_worker_init": hooks.post_worker_init,
@@ -179,7 +202,6 @@ class MkvApplication(BaseApplication):
 
 def serve(cfg: Config) -> int:
     """`mkv serve`: the caller has set up the metrics directory (mkv.service.metricsdir)."""
-    logging.basicConfig(level=cfg.log_level.upper(), stream=sys.stderr,
-                        format="%(asctime)s [%(process)d] [%(name)s] %(levelname)s %(message)s")
+    logs.setup(cfg.log_level, cfg.log_format, "serve")
     MkvApplication(cfg).run()
     return 0
