@@ -9,6 +9,7 @@ health processes before any worker exists and stops them after the workers have 
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import signal
@@ -135,6 +136,8 @@ class Hooks:
         """Master, before forking workers: start and supervise the writer and health."""
         changes = ChangeCount.create()
         os.environ[CHANGES_FD_ENV] = str(changes.fd)  # inherited by every worker
+        # a worker's lines say so from its first ("Booting worker"), logged before any hook
+        os.register_at_fork(after_in_child=functools.partial(logs.set_process_name, "worker"))
         self.supervisor = Supervisor(children(self.cfg, changes))
         self.supervisor.start()
 
@@ -146,7 +149,6 @@ class Hooks:
         its thread pool's shutdown until the master SIGKILLs it 30 s later.
         """
         signal.signal(signal.SIGINT, signal.SIG_IGN)
-        logs.set_process_name("worker")
 
     def child_exit(self, server: Any, worker: Any) -> None:
         metrics.worker_exited(worker.pid)
