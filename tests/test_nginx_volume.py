@@ -281,6 +281,7 @@ def test_access_log_carries_the_request_id(volume: NginxVolume) -> None:
     assert lines["PUT"].endswith(" rid=rid-1.a:b")
     assert lines["HEAD"].endswith(" rid=-")  # none sent
     assert lines["GET"].endswith(r" rid=x\x22y")
+    assert not [line for line in volume.access_lines() if "/-/ping" in line]  # probes: no lines
 
 
 def test_user_line_only_as_root(tmp_path: Path) -> None:
