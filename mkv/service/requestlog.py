@@ -155,7 +155,11 @@ class RequestLog:
         try:
             if self.access is not None:
                 fields = access_fields(served, time.perf_counter())
-                self.access.info(access_message(fields), extra={"fields": fields})
+                # the record straight to the logger's handlers: Logger.info would also look
+                # up the caller's frame and sort through `extra`, a quarter of the line's cost
+                self.access.handle(logging.makeLogRecord(
+                    {"name": ACCESS_LOGGER, "levelno": logging.INFO, "levelname": "INFO",
+                     "msg": access_message(fields), "fields": fields}))
         finally:
             context.enter(None)
 
