@@ -18,7 +18,13 @@ from typing import Self
 
 import requests
 
-from mkv.volumes.nginx import WORKDIR_NAME, listen_address, render_volume, volume_command
+from mkv.volumes.nginx import (
+    ACCESS_LOG_NAME,
+    WORKDIR_NAME,
+    listen_address,
+    render_volume,
+    volume_command,
+)
 
 START_TIMEOUT = 10.0
 STOP_TIMEOUT = 5.0
@@ -149,6 +155,17 @@ class NginxVolume:
             return self.log.read_text(errors="replace").strip()
         except OSError:
             return ""
+
+    @property
+    def access_log(self) -> Path:
+        """nginx's access log: one line per request, buffered for up to a second."""
+        return self.root / WORKDIR_NAME / ACCESS_LOG_NAME
+
+    def access_lines(self) -> list[str]:
+        try:
+            return self.access_log.read_text(errors="replace").splitlines()
+        except FileNotFoundError:
+            return []
 
     @property
     def running(self) -> bool:

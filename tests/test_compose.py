@@ -60,6 +60,11 @@ def test_volume_services_run_stock_nginx_with_the_project_template(
     env = service["environment"]
     assert str(env["MKV_VOLUME_LISTEN"]) == "80"
     assert env["MKV_VOLUME_ROOT"] == "/data"
+    # the stock image links this file to the container's stdout
+    assert env["MKV_VOLUME_ACCESS_LOG"] == "/var/log/nginx/access.log"
+    # envsubst leaves a placeholder whose variable is unset as it is: nginx would refuse it
+    placeholders = set(re.findall(r"\$\{(\w+)\}", (REPO / TEMPLATE).read_text()))
+    assert placeholders <= set(env), placeholders - set(env)
     data_volume = mounts(service)["/data"]
     assert data_volume in compose["volumes"], "blobs must live in a named volume"
 

@@ -215,10 +215,14 @@ def test_three_volumes_are_independent(volumes: list[NginxVolume]) -> None:
 # --- rendering and the `mkv volume` entry point, without running nginx ----------------------
 
 
-def test_server_template_only_uses_the_two_shared_placeholders() -> None:
+def test_server_template_only_uses_the_three_shared_placeholders() -> None:
     """The docker image renders the same file with envsubst; nothing else may look like one."""
     text = (mkv_nginx.templates_dir() / mkv_nginx.SERVER_TEMPLATE).read_text()
-    assert set(re.findall(r"\$\{(\w+)\}", text)) == {"MKV_VOLUME_LISTEN", "MKV_VOLUME_ROOT"}
+    assert set(re.findall(r"\$\{(\w+)\}", text)) == {
+        "MKV_VOLUME_LISTEN", "MKV_VOLUME_ROOT", "MKV_VOLUME_ACCESS_LOG"}
+    # nginx's own variables are lower-case: envsubst only touches the environment's names,
+    # which in the stock image are upper-case
+    assert all(name == name.lower() for name in re.findall(r"\$(\w+)", text))
 
 
 def test_render_volume_writes_a_config_nginx_accepts(tmp_path: Path) -> None:
@@ -228,10 +232,56 @@ def test_render_volume_writes_a_config_nginx_accepts(tmp_path: Path) -> None:
     server = (workdir / "volume.conf").read_text()
     assert "listen [::1]:3001;" in server
     assert f'root "{root}";' in server
+    assert f'access_log "{workdir / "access.log"}" "mkv_volume_[::1]:3001"' in server
     assert "${" not in conf.read_text()
     argv = mkv_nginx.volume_command(conf, workdir)
     check = subprocess.run([*argv, "-t"], check=False, capture_output=True, text=True, timeout=10)
     assert check.returncode == 0, check.stderr
+
+
+def test_two_volumes_in_one_nginx_do_not_clash(tmp_path: Path) -> None:
+    """log_format is http-wide: each volume's server block names its own after its listen
+    address, so one nginx can serve several volumes' blocks (a host's conf.d)."""
+    workdir = tmp_path / "work"
+    workdir.mkdir()
+    template = (mkv_nginx.templates_dir() / mkv_nginx.SERVER_TEMPLATE).read_text()
+    for i, port in enumerate((3001, 3002)):
+        root = tmp_path / f"data{i}"
+        (root / ".tmp").mkdir(parents=True)
+        (workdir / f"volume{i}.server").write_text(mkv_nginx.render_server_block(
+            template, root, mkv_nginx.listen_address("127.0.0.1", port), workdir / f"{i}.log"))
+    main = workdir / "nginx.conf"
+    main.write_text(mkv_nginx.render_main_config(
+        (mkv_nginx.templates_dir() / mkv_nginx.MAIN_TEMPLATE).read_text(), workdir=workdir,
+        server_conf=workdir / "*.server", user_line="", worker_processes=1,
+        error_log_level="warn"))
+    argv = mkv_nginx.volume_command(main, workdir)
+    check = subprocess.run([*argv, "-t"], check=False, capture_output=True, text=True, timeout=10)
+    assert check.returncode == 0, check.stderr
+
+
+def wait_for_access_lines(volume: NginxVolume, path: str, n: int) -> list[str]:
+    """nginx flushes its buffered access log within a second: wait for n lines about path."""
+    deadline = time.monotonic() + 10
+    while len(lines := [line for line in volume.access_lines() if f" {path} " in line]) < n:
+        assert time.monotonic() < deadline, f"{n} access lines expected: {volume.access_lines()}"
+        time.sleep(0.05)
+    return lines
+
+
+def test_access_log_carries_the_request_id(volume: NginxVolume) -> None:
+    requests.put(volume.url + BLOB, data=b"12345", headers={"X-Request-Id": "rid-1.a:b"},
+                 timeout=5).raise_for_status()
+    requests.head(volume.url + BLOB, timeout=5).raise_for_status()
+    # what a direct client sends is escaped: a quote cannot end the request field early
+    requests.get(volume.url + BLOB, headers={"X-Request-Id": 'x"y'}, timeout=5)
+    # each nginx worker flushes its own buffer: the lines need not be in request order
+    lines = {line.split('"')[1].split()[0]: line for line in wait_for_access_lines(volume, BLOB, 3)}
+    assert f'"PUT {BLOB} HTTP/1.1" 201 ' in lines["PUT"]
+    assert lines["PUT"].endswith(" rid=rid-1.a:b")
+    assert lines["HEAD"].endswith(" rid=-")  # none sent
+    assert lines["GET"].endswith(r" rid=x\x22y")
+    assert not [line for line in volume.access_lines() if "/-/ping" in line]  # probes: no lines
 
 
 def test_user_line_only_as_root(tmp_path: Path) -> None:

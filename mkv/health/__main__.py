@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 
+from mkv import logs
 from mkv.health.checker import HealthChecker
 from mkv.service.supervise import on_stop
 
@@ -24,10 +24,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="seconds before the intents of a write cut off by a writer restart "
                         "are due for cleanup")
     p.add_argument("--log-level", default="info")
+    p.add_argument("--log-format", default="text", choices=logs.FORMATS)
     p.add_argument("--parent", type=int, default=0, help="supervising master's pid")
     args = p.parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
-                        format="%(asctime)s [%(process)d] [health] %(levelname)s %(message)s")
+    logs.setup(args.log_level, args.log_format, "health")
     checker = HealthChecker(args.db, args.volumes.split(","), interval=args.interval,
                             timeout=args.timeout, fail_count=args.fail_count,
                             ok_count=args.ok_count, writer_socket=args.writer_socket,

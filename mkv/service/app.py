@@ -13,16 +13,16 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import apsw
 import falcon
 
-from mkv import core
+from mkv import context, core
 from mkv.config import Config
 from mkv.core import Health
 from mkv.keys import BadKey, check_key, check_new_key
-from mkv.service import metrics
+from mkv.service import metrics, requestlog
 from mkv.service.query import BadQuery, ListQuery, parse_query, request_target
 from mkv.service.ratelimit import ListLimiter
 from mkv.service.store import (
@@ -270,23 +270,27 @@ class FastReads:
     """GET and HEAD of a key, most of the traffic, answered in plain WSGI; everything
     else goes to the Falcon app. The framework's request and response objects cost
     more than the whole lookup (an index read, a health-cache check), so the read
-    path skips them."""
+    path skips them.
+
+    Every request, either way, gets its id and its access line here
+    (mkv.service.requestlog)."""
 
     def __init__(self, cfg: Config, store: Callable[[], Store], app: falcon.App) -> None:
         self.cfg = cfg
         self.store = store
         self.app = app
+        self.requests = requestlog.RequestLog(requestlog.access_logger(cfg))
 
-    def __call__(self, env: dict, start_response: Callable[..., object]) -> list[bytes]:
+    def __call__(self, env: dict, start_response: Callable[..., object]) -> Iterable[bytes]:
+        served = self.requests.begin(env)
         method = env["REQUEST_METHOD"]
         if (method != "GET" and method != "HEAD") or env.get("QUERY_STRING") \
                 or env.get("PATH_INFO", "").startswith("/-/"):
-            return self.app(env, start_response)
-        started = time.perf_counter()
+            return self.requests.pass_on(self.app, env, start_response, served)
         try:
             key, query = request_target(env)
             if query:  # the raw target disagrees with QUERY_STRING: the framework decides
-                return self.app(env, start_response)
+                return self.requests.pass_on(self.app, env, start_response, served)
             status, headers, body = lookup(self.store(), check_key(key, self.cfg.max_key_bytes))
         except BadKey as exc:
             status, headers, body = falcon.HTTP_400, JSON_TYPE, error_json("bad_key", str(exc))
@@ -294,9 +298,14 @@ class FastReads:
             log.exception("unhandled error on %s %s", method, env.get("PATH_INFO"))
             status, headers, body = falcon.HTTP_500, JSON_TYPE, error_json("internal",
                                                                            type(exc).__name__)
-        start_response(status, [*headers, ("Content-Length", str(len(body)))])
-        metrics.observe(method, int(status[:3]), started)
-        return [] if method == "HEAD" else [body]
+        try:
+            start_response(status, [*headers, ("Content-Length", str(len(body))),
+                                    (context.HEADER, served.id)])
+            metrics.observe(method, int(status[:3]), served.started)
+        finally:
+            sent = b"" if method == "HEAD" else body
+            self.requests.finish(served, status, len(sent))
+        return [sent]
 
 
 def http_error_body(resp: falcon.Response, ex: falcon.HTTPError) -> None:

@@ -10,6 +10,7 @@ health processes before any worker exists and stops them after the workers have 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -19,10 +20,11 @@ import threading
 from collections.abc import Sequence
 from typing import Any
 
+from gunicorn import glogging
 from gunicorn.app.base import BaseApplication
 from gunicorn.config import Config as GunicornConfig
 
-from mkv import core
+from mkv import core, logs
 from mkv.config import Config
 from mkv.health.reporter import FailureReporter, health_socket_path
 from mkv.index import schema
@@ -99,6 +101,7 @@ def children(cfg: Config, changes: ChangeCount) -> list[Child]:
     me = ["--parent", str(os.getpid())]
     writer = Child("writer", [*py, "mkv.writer", "--db", cfg.db, "--socket", cfg.writer_socket,
                               "--synchronous", cfg.synchronous, "--log-level", cfg.log_level,
+                              "--log-format", cfg.log_format,
                               "--changes-fd", str(changes.fd), *me],
                    ready=lambda: wait_ready(cfg.writer_socket, timeout=15),
                    pass_fds=(changes.fd,))
@@ -110,8 +113,26 @@ def children(cfg: Config, changes: ChangeCount) -> list[Child]:
                               "--ok-count", str(cfg.health_ok_count),
                               "--orphan-after", str(core.orphan_grace(cfg.volume_timeout,
                                                                       cfg.client_timeout)),
-                              "--log-level", cfg.log_level, *me])
+                              "--log-level", cfg.log_level, "--log-format", cfg.log_format,
+                              *me])
     return [writer, health]
+
+
+def gunicorn_logger(log_format: str) -> type[glogging.Logger]:
+    """gunicorn's logger class, writing gunicorn's own lines in mkv's format (mkv.logs):
+    its error log goes to the root logger, which `logs.setup` gives mkv's handler. Its
+    access log stays off: the service writes its own (mkv.service.requestlog)."""
+
+    class MkvGunicornLogger(glogging.Logger):
+        def setup(self, cfg: Any) -> None:  # also run by gunicorn's reload
+            super().setup(cfg)
+            logs.setup(cfg.loglevel, log_format, "serve")
+            for handler in list(self.error_log.handlers):
+                if getattr(handler, "_gunicorn", False):
+                    self.error_log.removeHandler(handler)
+            self.error_log.propagate = True
+
+    return MkvGunicornLogger
 
 
 class Hooks:
@@ -131,6 +152,8 @@ class Hooks:
         children's exit status too and leave the supervisor nothing to log. Its reaping
         is wrapped so the supervisor first collects its own children, by pid.
         """
+        # a worker's lines say so from its first ("Booting worker"), logged before any hook
+        os.register_at_fork(after_in_child=functools.partial(logs.set_process_name, "worker"))
         self.changes = ChangeCount.create()
         os.environ[CHANGES_FD_ENV] = str(self.changes.fd)  # inherited by every worker
         os.environ[LIST_BUCKET_FD_ENV] = str(ratelimit.create())
@@ -164,7 +187,9 @@ class Hooks:
         server.cfg.set("workers", new.workers)
         server.cfg.set("threads", new.threads)
         server.num_workers = new.workers
-        logging.getLogger().setLevel(new.log_level.upper())
+        server.cfg.set("loglevel", new.log_level)
+        logs.setup(new.log_level, new.log_format, "serve")  # the new workers inherit it
+        server.log.error_log.setLevel(new.log_level.upper())
         if self.supervisor is None or self.changes is None:
             return
         if (old.synchronous, old.log_level) != (new.synchronous, new.log_level):
@@ -224,6 +249,8 @@ def gunicorn_settings(cfg: Config, hooks: Hooks | None = None) -> dict[str, Any]
         "keepalive": 5,
         "loglevel": cfg.log_level,
         "errorlog": "-",
+        "accesslog": None,
+        "logger_class": gunicorn_logger(cfg.log_format),
         "proc_name": "mkv",
         "on_starting": hooks.on_starting,
         "on_reload": hooks.on_reload,
@@ -256,7 +283,6 @@ class MkvApplication(BaseApplication):
 
 def serve(cfg: Config, argv: Sequence[str] = ()) -> int:
     """`mkv serve`: the caller has set up the metrics directory (mkv.service.metricsdir)."""
-    logging.basicConfig(level=cfg.log_level.upper(), stream=sys.stderr,
-                        format="%(asctime)s [%(process)d] [%(name)s] %(levelname)s %(message)s")
+    logs.setup(cfg.log_level, cfg.log_format, "serve")
     MkvApplication(cfg, argv).run()
     return 0

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from mkv import core
+from mkv import context, core
 from mkv.cleanup import finish_delete
 from mkv.config import Config
 from mkv.core import Health, Verdict
@@ -153,6 +153,8 @@ class Store:
     def locate(self, key: str) -> tuple[core.ReadTarget, Record | None]:
         record = self.reader.get(key)
         target = core.read_target(key, record, self.health(), self.cfg.fallback, next(self._spread))
+        if isinstance(target, core.Redirect) and target.volume is not None:
+            context.touch(target.volume)  # the volume the client is sent to, for the access log
         return target, record
 
     @functools.lru_cache(maxsize=65536)  # noqa: B019 - one Store per worker, kept for its life

@@ -30,15 +30,18 @@ CHECKOUT_TEMPLATES = Path(__file__).resolve().parents[2] / "deploy" / "nginx"
 INSTALLED_TEMPLATES = Path(sys.prefix) / "share" / "mkv" / "nginx"
 
 # Placeholders of the server block: the docker image renders the same file with envsubst, so
-# these are the only two it may use (see the template's header).
+# these are the only three it may use (see the template's header).
 LISTEN_PLACEHOLDER = "${MKV_VOLUME_LISTEN}"
 ROOT_PLACEHOLDER = "${MKV_VOLUME_ROOT}"
+ACCESS_LOG_PLACEHOLDER = "${MKV_VOLUME_ACCESS_LOG}"
 
 # Where nginx spools request bodies before renaming them into place; on the data filesystem.
 SPOOL_DIRNAME = ".tmp"
 # Default per-volume runtime directory. Dot-named: mkv only reads two-hex-char directories,
 # autoindex hides it and the server block refuses dot paths.
 WORKDIR_NAME = ".nginx"
+# The volume's access log, in its work directory: one line per request, with mkv's request id.
+ACCESS_LOG_NAME = "access.log"
 
 # Characters that would end or reinterpret a quoted nginx string ($ starts a variable in
 # `root`), so a path holding them cannot be written into the config safely.
@@ -98,9 +101,10 @@ def listen_address(bind: str, port: int) -> str:
     return f"{bind}:{port}"
 
 
-def render_server_block(template: str, root: Path, listen: str) -> str:
-    """Substitute only our two placeholders: nginx's own `$uri`-style variables must survive."""
-    text = template.replace(LISTEN_PLACEHOLDER, listen).replace(ROOT_PLACEHOLDER, str(root))
+def render_server_block(template: str, root: Path, listen: str, access_log: Path) -> str:
+    """Substitute only our three placeholders: nginx's own `$uri`-style variables must survive."""
+    text = (template.replace(LISTEN_PLACEHOLDER, listen).replace(ROOT_PLACEHOLDER, str(root))
+            .replace(ACCESS_LOG_PLACEHOLDER, str(access_log)))
     if "${MKV_" in text:
         raise VolumeConfigError(f"{SERVER_TEMPLATE} uses a placeholder this renderer does not know")
     return text
@@ -158,7 +162,8 @@ def render_volume(
     worker_processes: int | str = 2,
     error_log_level: str = "warn",
 ) -> Path:
-    """Write nginx.conf and volume.conf into workdir and return nginx.conf's path.
+    """Write nginx.conf and volume.conf into workdir and return nginx.conf's path; the
+    volume's access log goes to workdir/access.log (`nginx -s reopen` after rotating it).
 
     Creates root, its spool directory and workdir: nginx itself only creates the last component
     of a temp path, and cannot create the data root at all.
@@ -174,7 +179,8 @@ def render_volume(
     server_conf = workdir / "volume.conf"
     main_conf = workdir / "nginx.conf"
     server_conf.write_text(
-        render_server_block((source / SERVER_TEMPLATE).read_text(), root, listen)
+        render_server_block((source / SERVER_TEMPLATE).read_text(), root, listen,
+                            workdir / ACCESS_LOG_NAME)
     )
     main_conf.write_text(
         render_main_config(

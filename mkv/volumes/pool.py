@@ -14,6 +14,7 @@ one module, with one error translation (`volume_error`) and one retry policy (`R
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import functools
 import queue
@@ -371,7 +372,8 @@ class FanOut:
 
     Each replica's PUT runs in the executor (`Pool.put_stream`), pulling chunks from its
     own small queue; `send` blocks while the slowest replica is behind, so at most
-    `depth` chunks per replica are ever held.
+    `depth` chunks per replica are ever held. Each runs in a copy of the caller's
+    context, so the client request's id goes to the volumes (mkv.context).
     """
 
     def __init__(self, pool: Pool, executor: Executor, volumes: list[str], path: str,
@@ -382,7 +384,7 @@ class FanOut:
         self.failed = threading.Event()
         self._queues: list[queue.Queue] = [queue.Queue(maxsize=depth) for _ in volumes]
         self._futures: list[Future] = [
-            executor.submit(self._upload, pool, vol, path, q)
+            executor.submit(contextvars.copy_context().run, self._upload, pool, vol, path, q)
             for vol, q in zip(volumes, self._queues, strict=True)
         ]
 

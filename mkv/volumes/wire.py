@@ -11,6 +11,8 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from mkv import context
+
 # socket.recv(n) allocates n bytes first; keep n small (see mkv.writer.protocol.RECV_BYTES)
 RECV_BYTES = 1 << 16
 
@@ -76,13 +78,17 @@ class Connection:
         self.reused = False
 
     def encode(self, req: Request) -> bytes:
+        """A whole request; within a client request it carries that request's id
+        (mkv.context), and the volume is noted as one the request touched."""
         if req.body is None:
-            return f"{req.method} {self.prefix}{req.path}{self.headers}\r\n".encode()
+            return (f"{req.method} {self.prefix}{req.path}{self.headers}"
+                    f"{context.sending_to(self.volume)}\r\n").encode()
         return self.request_head(req.method, req.path, len(req.body)) + req.body
 
     def request_head(self, method: str, path: str, length: int) -> bytes:
         """The request line and headers of a request with a body of `length` bytes."""
-        return f"{method} {self.prefix}{path}{self.headers}Content-Length: {length}\r\n\r\n".encode()
+        return (f"{method} {self.prefix}{path}{self.headers}{context.sending_to(self.volume)}"
+                f"Content-Length: {length}\r\n\r\n").encode()
 
     def send(self, data: bytes) -> None:
         if self.sock is None:

@@ -9,6 +9,7 @@ import sys
 
 import apsw
 
+from mkv import logs
 from mkv.index.cache import ChangeCount
 from mkv.service.supervise import on_stop
 from mkv.writer.protocol import WriterError
@@ -23,12 +24,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--socket", required=True)
     parser.add_argument("--synchronous", default="NORMAL")
     parser.add_argument("--log-level", default="info")
+    parser.add_argument("--log-format", default="text", choices=logs.FORMATS)
     parser.add_argument("--parent", type=int, default=0, help="supervising master's pid")
     parser.add_argument("--changes-fd", type=int, default=-1,
                         help="the workers' shared change count (mkv.index.cache), if any")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
-                        format="%(asctime)s [%(process)d] [writer] %(levelname)s %(message)s")
+    logs.setup(args.log_level, args.log_format, "writer")
     try:
         changes = ChangeCount(args.changes_fd) if args.changes_fd >= 0 else None
         server = WriterServer(args.db, args.socket, args.synchronous, changes)
