@@ -36,6 +36,10 @@ def main(argv: list[str] | None = None) -> int:
                                          description="Run one nginx volume in the foreground.")
         nginx.add_volume_arguments(parser)
         return nginx.volume_main(parser.parse_args(rest))
+    if command == "backup":
+        from mkv.tools import backup
+
+        return backup.main(rest)
     print(f"mkv: unknown command {command!r}\n\n{USAGE}", file=sys.stderr, end="")
     return 2
 
