@@ -71,6 +71,7 @@ class WriteLoad:
     def __init__(self, svc: MkvService, prefix: str) -> None:
         self.svc = svc
         self.prefix = prefix
+        self.sent: list[str] = []  # keys whose PUT has been started, in order
         self.acked: list[str] = []  # keys answered 201, in order
         self.failures: list[tuple[str, int]] = []
         self._stop = threading.Event()
@@ -82,6 +83,7 @@ class WriteLoad:
                 if self._stop.is_set():
                     return
                 key = f"{self.prefix}/{i:06d}"
+                self.sent.append(key)
                 r = http.put(kurl(self.svc, key), data=key.encode() * 4, timeout=TIMEOUT)
                 if r.status_code == 201:
                     self.acked.append(key)
@@ -135,17 +137,24 @@ def test_backup_during_writes_holds_every_key_answered_before(
 
 def test_the_copy_is_one_snapshot_while_the_writer_commits(
         shared_service: MkvService, load: WriteLoad, tmp_path: Path) -> None:
-    """Paused after its first step until the service has answered 20 more PUTs: those are
-    not in the copy, everything answered before is, and the writer never waited."""
+    """Paused after its first step until the service has answered 20 PUTs sent after that
+    step: those are not in the copy, everything answered before the backup is, and the
+    writer never waited. (Sent, not answered: a PUT answered mid-backup may have been
+    committed before the snapshot.)"""
     before: list[str] = []
     during: list[str] = []
+
+    def answered_since(mark: int) -> list[str]:
+        acked = set(load.acked)
+        return [k for k in load.sent[mark:] if k in acked]
 
     class PauseOnce(Progress):
         def show(self, line: str, force: bool = False) -> None:
             if not during:
-                seen = len(load.acked)
-                wait_until(lambda: len(load.acked) >= seen + 20, TIMEOUT, "20 PUTs mid-backup")
-                during.extend(load.acked[seen:])
+                mark = len(load.sent)
+                wait_until(lambda: len(answered_since(mark)) >= 20, TIMEOUT,
+                           "20 PUTs sent and answered mid-backup")
+                during.extend(answered_since(mark))
 
     before.extend(load.acked)
     dest = tmp_path / "snapshot.db"
