@@ -5,7 +5,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv nginx run test lint bench clean
+.PHONY: venv nginx systemd-analyze run test lint bench clean
 
 venv: $(STAMP)
 
@@ -21,10 +21,17 @@ nginx:
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq nginx-light; }
 
+# systemd-analyze checks the units in deploy/systemd (tests/test_systemd.py); Debian's
+# systemd package has it, and installing it does not make systemd the init.
+systemd-analyze:
+	@command -v systemd-analyze >/dev/null 2>&1 || { \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq systemd; }
+
 run: venv nginx
 	$(PY) -m mkv.tools.devcluster --dir var --port 3000
 
-test: venv nginx
+test: venv nginx systemd-analyze
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 lint: venv

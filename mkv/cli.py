@@ -1,4 +1,4 @@
-"""`mkv serve` and `mkv volume`: the operator's entry points."""
+"""`mkv serve`, `mkv volume` and `mkv backup`: the operator's entry points."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ USAGE = """usage: mkv COMMAND [options]   (mkv --version: the installed version)
 commands:
   serve     run the service (gunicorn workers + writer), see `mkv serve --help`
   volume    run one nginx volume in the foreground, see `mkv volume --help`
+  backup    copy the index while the service runs, see `mkv backup --help`
 """
 
 #: `mkv volume`'s options are `volume-root`, `volume-port`... in the shared file and
@@ -60,6 +61,10 @@ def main(argv: list[str] | None = None) -> int:
         args = config_mod.parse(parser, rest)
         config_mod.exit_on(parser.problems, "mkv volume")
         return nginx.volume_main(args)
+    if command == "backup":
+        from mkv.tools import backup
+
+        return backup.main(rest)
     print(f"mkv: unknown command {command!r}\n\n{USAGE}", file=sys.stderr, end="")
     return 2
 

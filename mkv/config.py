@@ -45,8 +45,9 @@ ENV_PREFIX = "MKV_"
 #: the keys of the others; tests/test_config.py holds this table to the commands' parsers.
 COMMAND_KEYS: Mapping[str, tuple[str, ...]] = {
     "concurrency": ("mkv-rebuild", "mkv-rebalance"),
-    "quiet": ("mkv-rebuild", "mkv-rebalance"),
-    "force": ("mkv-rebuild",),
+    "quiet": ("mkv-rebuild", "mkv-rebalance", "mkv backup"),
+    "force": ("mkv-rebuild", "mkv backup"),
+    "step-pages": ("mkv backup",),
     "dry-run": ("mkv-rebalance",),
     "limit-rate": ("mkv-rebalance",),
     "verify": ("mkv-rebalance",),

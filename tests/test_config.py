@@ -14,7 +14,7 @@ import requests
 from mkv import cli, config
 from mkv.index import schema
 from mkv.model import Record, State
-from mkv.tools import rebalance, rebuild
+from mkv.tools import backup, rebalance, rebuild
 from tests.cluster import free_port, wait_http
 from tests.helpers import roundtrip, rows
 
@@ -28,13 +28,14 @@ def parser_of(command):
     if command == "mkv volume":
         return cli.volume_parser()
     parser = config.build_parser(command, "")
-    extend = {"mkv-rebuild": rebuild.add_arguments, "mkv-rebalance": rebalance.add_arguments}
+    extend = {"mkv-rebuild": rebuild.add_arguments, "mkv-rebalance": rebalance.add_arguments,
+              "mkv backup": backup.add_arguments}
     if command in extend:
         extend[command](parser)
     return parser
 
 
-COMMANDS = ("mkv serve", "mkv volume", "mkv-rebuild", "mkv-rebalance")
+COMMANDS = ("mkv serve", "mkv volume", "mkv-rebuild", "mkv-rebalance", "mkv backup")
 SHARED = set(config.build_parser("mkv", "").file_keys())
 
 
@@ -71,7 +72,8 @@ def test_every_command_accepts_the_example_file(tmp_path):
     (tmp_path / "v").mkdir()
     for command in COMMANDS:
         parser = parser_of(command)
-        ns = config.parse(parser, ["--config", "etc/mkv.conf", "--db", str(tmp_path / "i.db")]
+        dest = [str(tmp_path / "copy.db")] if command == "mkv backup" else []
+        ns = config.parse(parser, ["--config", "etc/mkv.conf", "--db", str(tmp_path / "i.db"), *dest]
                           if command != "mkv volume" else
                           ["--config", "etc/mkv.conf", "--root", str(tmp_path / "v"), "--port", "1"])
         assert parser.problems == [], (command, parser.problems)

@@ -1,6 +1,6 @@
-"""The wheel is what an operator installs: it must carry the nginx templates and the
-example configuration, and `mkv volume` from an installed wheel, run outside any
-checkout, must find those templates and start nginx.
+"""The wheel is what an operator installs: it must carry the nginx templates, the
+example configuration and the systemd units, and `mkv volume` from an installed wheel,
+run outside any checkout, must find those templates and start nginx.
 
 The wheel is built from a copy of the working tree, into a temporary directory: setuptools
 builds in the source tree (build/, mkv.egg-info), and a stale build/lib left there could
@@ -36,6 +36,9 @@ SHIPPED = {
     "share/mkv/nginx/nginx.conf.template": ROOT / "deploy/nginx/nginx.conf.template",
     "share/mkv/nginx/volume.conf.template": ROOT / "deploy/nginx/volume.conf.template",
     "share/mkv/mkv.conf": ROOT / "etc/mkv.conf",
+    **{f"share/mkv/systemd/{name}": ROOT / "deploy/systemd" / name
+       for name in ("mkv.service", "mkv-volume@.service", "mkv.sysusers", "mkv.tmpfiles",
+                    "volume.conf.example")},
 }
 START_TIMEOUT = 10.0
 
