@@ -19,15 +19,18 @@ import difflib
 import functools
 import importlib.metadata
 import os
+import re
 import sys
 import tempfile
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import configargparse
 
+from mkv.auth import TokenFileError, read_tokens
 from mkv.ring import BadVolume, Ring, failure_domain, parse_volume
 
 #: Longest path a unix socket may have on Linux (sun_path is 108 bytes with the NUL).
@@ -102,6 +105,12 @@ class Config:
     max_list_limit: int = 10_000
     list_rate: float = 100.0
     list_burst: int = 200
+    #: (volume, base URL clients are redirected to), from `volumes` entries "addr=URL"
+    public_urls: tuple[tuple[str, str], ...] = ()
+    redirect_secret: str = ""
+    redirect_ttl: int = 600
+    api_tokens_file: str = ""
+    auth_reads: bool = False
 
     def __post_init__(self) -> None:
         if not self.writer_socket:
@@ -289,18 +298,71 @@ def build_parser(prog: str, description: str) -> Parser:
                    help="?list and ?unlinked requests per second, for the whole service (0: no limit)")
     p.add_argument("--list-burst", type=int, default=d.list_burst,
                    help="list requests allowed at once above list-rate")
+    p.add_argument("--redirect-secret", default=d.redirect_secret,
+                   help="sign redirects with this secret (the volumes check it); empty: unsigned")
+    p.add_argument("--redirect-ttl", type=int, default=d.redirect_ttl,
+                   help="seconds a signed redirect stays valid")
+    p.add_argument("--api-tokens-file", default=d.api_tokens_file,
+                   help="file of tokens (one a line) that PUT, DELETE and UNLINK need; empty: none")
+    p.add_argument("--auth-reads", type=_bool, default=d.auth_reads,
+                   help="GET, HEAD and listings need a token too")
     return p
+
+
+def public_url(text: str) -> str:
+    """A volume's public base URL (scheme://host[:port], no path): where clients are sent,
+    while mkv keeps talking to the address before the "="; ValueError if it is not one."""
+    parts = urlsplit(text.strip())
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"public URL {text!r} must be http:// or https:// and a host")
+    if parts.path not in ("", "/") or parts.query or parts.fragment or "@" in parts.netloc:
+        raise ValueError(f"public URL {text!r} must be scheme://host[:port] only (the "
+                         "volume's own path prefix follows it)")
+    try:
+        parts.port  # noqa: B018 - raises on a bad port
+    except ValueError:
+        raise ValueError(f"public URL {text!r} has a bad port") from None
+    return f"{parts.scheme}://{parts.netloc}"
+
+
+#: What a redirect secret may hold: it is written into the volumes' nginx config as is.
+_SECRET = re.compile(r"[A-Za-z0-9._~+/=-]{16,256}")
+
+
+def _security_problems(ns: configargparse.Namespace) -> list[str]:
+    """Signed redirects and write tokens (docs/design.md, "Signed redirects", "Tokens")."""
+    problems = []
+    if ns.redirect_secret and not _SECRET.fullmatch(ns.redirect_secret):
+        problems.append("redirect-secret: must be 16 to 256 of A-Z a-z 0-9 . _ ~ + / = -")
+    if ns.redirect_ttl < 1:
+        problems.append("redirect-ttl: must be at least 1 second")
+    if ns.api_tokens_file:
+        try:
+            read_tokens(ns.api_tokens_file)
+        except TokenFileError as exc:
+            problems.append(f"api-tokens-file: {exc}")
+    elif ns.auth_reads:
+        problems.append("auth-reads: needs api-tokens-file (the tokens reads would need)")
+    return problems
 
 
 def validate(ns: configargparse.Namespace, *, need_volumes: bool = True) -> Config:
     """Turn parsed options into a Config, collecting every problem before failing."""
     problems: list[str] = []
     volumes: list[str] = []
+    public: list[tuple[str, str]] = []
     for text in _volume_list(ns.volumes or ""):
+        address, has_url, url = text.partition("=")
         try:
-            volumes.append(parse_volume(text))
+            volumes.append(parse_volume(address))
         except BadVolume as exc:
             problems.append(f"volumes: {exc}")
+            continue
+        if has_url:
+            try:
+                public.append((volumes[-1], public_url(url)))
+            except ValueError as exc:
+                problems.append(f"volumes: {address}: {exc}")
     if len(set(volumes)) != len(volumes):
         problems.append("volumes: a volume is listed twice")
     if need_volumes and not volumes and not any(p.startswith("volumes") for p in problems):
@@ -360,7 +422,10 @@ def validate(ns: configargparse.Namespace, *, need_volumes: bool = True) -> Conf
             problems.append(f"fallback: {exc}")
     if problems:
         raise ConfigError(problems)
-    derived = {"volumes": tuple(volumes), "synchronous": synchronous,
+    problems += _security_problems(ns)
+    if problems:
+        raise ConfigError(problems)
+    derived = {"volumes": tuple(volumes), "public_urls": tuple(public), "synchronous": synchronous,
                "log_level": ns.log_level.lower(), "log_format": log_format}
     return Config(**{f.name: derived.get(f.name, getattr(ns, f.name, None))
                      for f in dataclasses.fields(Config)})

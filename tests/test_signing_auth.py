@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from mkv.service.auth import Auth, TokenFileError, check, read_tokens
+from mkv.auth import Auth, TokenFileError, check, read_tokens
 from mkv.signing import signature, signed_query
 
 

@@ -232,7 +232,8 @@ def published_config() -> Config | None:
     if not text:
         return None
     fields = json.loads(text)
-    return Config(**{**fields, "volumes": tuple(fields["volumes"])})
+    return Config(**{**fields, "volumes": tuple(fields["volumes"]),
+                     "public_urls": tuple(tuple(pair) for pair in fields["public_urls"])})
 
 
 def gunicorn_settings(cfg: Config, hooks: Hooks | None = None) -> dict[str, Any]:
