@@ -18,7 +18,7 @@ import pytest
 from mkv import config
 from tests.cluster import NginxVolume
 from tests.helpers import FakeVolume, SilentVolume
-from tests.service import MkvService
+from tests.service import FileService, MkvService
 
 
 class HasAddress(Protocol):
@@ -114,6 +114,21 @@ def make_service(tmp_path: Path) -> Iterator[Callable[..., MkvService]]:
 def service(volumes: list[NginxVolume], make_service: Callable[..., MkvService]) -> MkvService:
     """`mkv serve` over three volumes with replicas=3."""
     return make_service(volumes)
+
+
+@pytest.fixture
+def file_service(tmp_path: Path) -> Iterator[Callable[..., FileService]]:
+    """Factory: file_service(volumes, **kw) starts `mkv serve --config FILE` with every
+    setting in the file (FileService), so a test can change any of them and SIGHUP."""
+    started: list[FileService] = []
+
+    def make(volumes: Iterable[VolumeLike], **kw: object) -> FileService:
+        svc = FileService(tmp_path / f"fsvc{len(started)}", addresses(volumes), **kw)
+        started.append(svc)
+        return svc.start()
+
+    yield make
+    stop_services(started)
 
 
 # --- one cluster per module: started once, everything stopped when the module ends --------------

@@ -134,3 +134,33 @@ class MkvService:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+class FileService(MkvService):
+    """`mkv serve --config FILE`, every setting in the file, so a reload can change any."""
+
+    def __init__(self, workdir: Path, volumes: list[str], conf: dict[str, str] | None = None,
+                 **kw: object) -> None:
+        super().__init__(workdir, volumes, **kw)
+        self.conf = self.workdir / "mkv.conf"
+        self.settings: dict[str, str] = {}
+        self.initial = conf or {}  # settings of the file at start, beyond the ones below
+
+    def write_conf(self, **changes: str) -> None:
+        self.settings.update({k.replace("_", "-"): v for k, v in changes.items()})
+        text = "".join(f"{k} = {v}\n" for k, v in self.settings.items())
+        tmp = self.conf.with_suffix(".tmp")
+        tmp.write_text(text)
+        os.replace(tmp, self.conf)
+
+    def args(self) -> list[str]:
+        self.write_conf(volumes=",".join(self.volumes), replicas=str(self.replicas), db=self.db,
+                        bind="127.0.0.1", port=str(self.port), workers=str(self.workers),
+                        health_interval="0.2", health_timeout="0.5", **self.initial)
+        return [*super().args()[:4], "--config", str(self.conf), *self.extra]
+
+    def hup(self) -> None:
+        os.kill(self.proc.pid, signal.SIGHUP)
+
+    def health(self) -> dict:
+        return requests.get(self.url + "/-/health", timeout=5).json()

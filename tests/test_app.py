@@ -836,3 +836,67 @@ def test_a_store_error_nobody_mapped_is_counted_as_the_500_it_is(client: TestCli
     before = count("PUT", 500), count("PUT", 200)
     assert_error(client.simulate_put("/boom/k", body=b"v"), 500, "internal")
     assert (count("PUT", 500), count("PUT", 200)) == (before[0] + 1, before[1])
+
+
+# --- tokens -------------------------------------------------------------------------------------
+
+TOKEN = "t0ken-for-the-app-tests"
+
+
+def token_client(tmp_path: Path, **kw: object) -> tuple[TestClient, FakeStore]:
+    tokens = tmp_path / "tokens"
+    tokens.write_text(f"# writers\n{TOKEN}\n")
+    cfg = config(tmp_path, api_tokens_file=str(tokens), **kw)
+    fake = FakeStore(cfg)
+    return client_for(cfg, fake), fake
+
+
+def bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+@pytest.mark.parametrize("method", ["PUT", "DELETE", "UNLINK"])
+def test_writes_need_a_token(tmp_path: Path, method: str) -> None:
+    client, fake = token_client(tmp_path)
+    stored(fake, "/t/k")
+    body = b"v" if method == "PUT" else None
+    r = client.simulate_request(method, "/t/new" if method == "PUT" else "/t/k", body=body)
+    assert_error(r, 401, "unauthorized")
+    assert r.headers["WWW-Authenticate"] == "Bearer"
+    r = client.simulate_request(method, "/t/k", body=body, headers=bearer(TOKEN + "x"))
+    assert_error(r, 403, "forbidden")
+    assert fake.writes() == [] and fake.calls == []
+    r = client.simulate_request(method, "/t/new" if method == "PUT" else "/t/k", body=body,
+                                headers=bearer(TOKEN))
+    assert r.status_code == (201 if method == "PUT" else 204)
+
+
+def test_without_auth_reads_reads_stay_open(tmp_path: Path) -> None:
+    client, fake = token_client(tmp_path)
+    stored(fake, "/t/k")
+    assert client.simulate_get("/t/k").status_code == 302
+    assert client.simulate_head("/t/k").status_code == 302
+    assert client.simulate_get("/t/?list").status_code == 200
+
+
+def test_auth_reads_closes_get_head_and_listings(tmp_path: Path) -> None:
+    client, fake = token_client(tmp_path, auth_reads=True)
+    stored(fake, "/t/k")
+    for method, path in (("GET", "/t/k"), ("HEAD", "/t/k"), ("GET", "/t/?list"),
+                         ("GET", "/t/?unlinked"), ("GET", "/nothing")):
+        r = client.simulate_request(method, path)
+        assert r.status_code == 401 and r.headers["WWW-Authenticate"] == "Bearer", (method, path)
+        r = client.simulate_request(method, path, headers=bearer("nope-nope-nope-nope"))
+        assert r.status_code == 403, (method, path)
+    assert client.simulate_get("/t/k", headers=bearer(TOKEN)).status_code == 302
+    assert client.simulate_get("/t/?list", headers=bearer(TOKEN)).json["keys"] == ["/t/k"]
+    assert client.simulate_get("/-/health").status_code == 200  # for the load balancer
+
+
+def test_a_tokens_file_gone_when_a_worker_starts_lets_no_write_through(tmp_path: Path) -> None:
+    tokens = tmp_path / "tokens"
+    tokens.write_text(TOKEN + "\n")
+    cfg = config(tmp_path, api_tokens_file=str(tokens))
+    tokens.unlink()
+    client = client_for(cfg, FakeStore(cfg))
+    assert_error(client.simulate_put("/t/k", body=b"v", headers=bearer(TOKEN)), 403, "forbidden")

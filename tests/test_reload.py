@@ -4,69 +4,16 @@ nothing; settings that cannot change live are refused by name."""
 
 from __future__ import annotations
 
-import os
-import signal
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-import pytest
 import requests
 
 from tests.cluster import NginxVolume
-from tests.helpers import replicas_of
-from tests.service import MkvService
-
-
-class FileService(MkvService):
-    """`mkv serve --config FILE`, every setting in the file, so a reload can change any."""
-
-    def __init__(self, workdir: Path, volumes: list[str], **kw: object) -> None:
-        super().__init__(workdir, volumes, **kw)
-        self.conf = self.workdir / "mkv.conf"
-        self.settings: dict[str, str] = {}
-
-    def write_conf(self, **changes: str) -> None:
-        self.settings.update({k.replace("_", "-"): v for k, v in changes.items()})
-        text = "".join(f"{k} = {v}\n" for k, v in self.settings.items())
-        tmp = self.conf.with_suffix(".tmp")
-        tmp.write_text(text)
-        os.replace(tmp, self.conf)
-
-    def args(self) -> list[str]:
-        self.write_conf(volumes=",".join(self.volumes), replicas=str(self.replicas), db=self.db,
-                        bind="127.0.0.1", port=str(self.port), workers=str(self.workers),
-                        health_interval="0.2", health_timeout="0.5")
-        return [*super().args()[:4], "--config", str(self.conf), *self.extra]
-
-    def hup(self) -> None:
-        os.kill(self.proc.pid, signal.SIGHUP)
-
-    def health(self) -> dict:
-        return requests.get(self.url + "/-/health", timeout=5).json()
-
-
-@pytest.fixture
-def file_service(tmp_path: Path) -> Callable[..., FileService]:
-    started: list[FileService] = []
-
-    def make(volumes: list[NginxVolume], **kw: object) -> FileService:
-        svc = FileService(tmp_path / f"svc{len(started)}", [v.address for v in volumes], **kw)
-        started.append(svc)
-        return svc.start()
-
-    yield make
-    for svc in started:
-        svc.stop()
-
-
-def wait_for(check: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {timeout}s: {what}")
-        time.sleep(0.05)
+from tests.helpers import replicas_of, wait_for
+from tests.service import FileService, MkvService
 
 
 class LoadLoop:

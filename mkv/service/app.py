@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterable
 import apsw
 import falcon
 
-from mkv import context, core
+from mkv import auth, context, core
 from mkv.config import Config
 from mkv.core import Health
 from mkv.keys import BadKey, check_key, check_new_key
@@ -42,8 +42,45 @@ log = logging.getLogger("mkv.service.app")
 
 KEY_METHODS = ("GET", "HEAD", "PUT", "DELETE", "UNLINK")
 
+class NeedsToken(Exception):
+    """A request that needs a token came without one (401)."""
+
+
+class WrongToken(Exception):
+    """A request's token is none of the configured ones (403)."""
+
+
+class Tokens:
+    """Who may write (and, with `auth-reads`, read): the tokens of `api-tokens-file`, read
+    once per worker, so the workers a SIGHUP starts read the file again (docs/design.md,
+    "Tokens"). None configured: everything is open. A file that cannot be read any more
+    when a worker starts closes the doors (every token is wrong) rather than opening them."""
+
+    def __init__(self, cfg: Config) -> None:
+        self.tokens: tuple[bytes, ...] | None = None
+        if cfg.api_tokens_file:
+            try:
+                self.tokens = auth.read_tokens(cfg.api_tokens_file)
+            except auth.TokenFileError as exc:
+                log.error("no write is allowed until the tokens file can be read: %s", exc)
+                self.tokens = ()
+        self.reads = cfg.auth_reads and self.tokens is not None
+
+    def check(self, header: str | None, write: bool) -> None:
+        """Raise NeedsToken or WrongToken unless the request may go on."""
+        if self.tokens is None or not (write or self.reads):
+            return
+        verdict = auth.check(header, self.tokens)
+        if verdict is auth.Auth.MISSING:
+            raise NeedsToken("send Authorization: Bearer <token>")
+        if verdict is auth.Auth.WRONG:
+            raise WrongToken("the token is not valid")
+
+
 #: Typed error -> (status, error name). The only place statuses are chosen for failures.
 ERRORS: list[tuple[type[Exception], str, str]] = [
+    (NeedsToken, falcon.HTTP_401, "unauthorized"),
+    (WrongToken, falcon.HTTP_403, "forbidden"),
     (BadKey, falcon.HTTP_400, "bad_key"),
     (BadQuery, falcon.HTTP_400, "bad_query"),
     (BadDigest, falcon.HTTP_400, "bad_digest"),
@@ -99,10 +136,12 @@ class KeyResource:
     """Every path that is not /-/...: key writes and prefix listings. A GET or HEAD of
     a key never gets here: FastReads answers it before the framework is called."""
 
-    def __init__(self, cfg: Config, store: Callable[[], Store], limiter: ListLimiter) -> None:
+    def __init__(self, cfg: Config, store: Callable[[], Store], limiter: ListLimiter,
+                 tokens: Tokens) -> None:
         self.cfg = cfg
         self.store = store
         self.limiter = limiter
+        self.tokens = tokens
 
     def __call__(self, req: falcon.Request, resp: falcon.Response, **_: str) -> None:
         started = time.perf_counter()
@@ -113,6 +152,8 @@ class KeyResource:
             for cls, status, name in ERRORS:
                 if isinstance(exc, cls):
                     error_body(resp, status, name, str(exc))
+                    if isinstance(exc, NeedsToken):
+                        resp.set_header("WWW-Authenticate", "Bearer")
                     break
         except falcon.HTTPError as exc:  # the framework's own, e.g. a body it cannot read
             http_error_body(resp, exc)
@@ -128,6 +169,7 @@ class KeyResource:
             resp.set_header("Allow", ", ".join(KEY_METHODS))
             error_body(resp, falcon.HTTP_405, "method_not_allowed", f"{req.method} is not supported")
             return
+        self.tokens.check(req.get_header("Authorization"), write=req.method not in ("GET", "HEAD"))
         key, query = request_target(req.env)
         listing = parse_query(query)
         if listing is not None:
@@ -275,10 +317,12 @@ class FastReads:
     Every request, either way, gets its id and its access line here
     (mkv.service.requestlog)."""
 
-    def __init__(self, cfg: Config, store: Callable[[], Store], app: falcon.App) -> None:
+    def __init__(self, cfg: Config, store: Callable[[], Store], app: falcon.App,
+                 tokens: Tokens) -> None:
         self.cfg = cfg
         self.store = store
         self.app = app
+        self.tokens = tokens
         self.requests = requestlog.RequestLog(requestlog.access_logger(cfg))
 
     def __call__(self, env: dict, start_response: Callable[..., object]) -> Iterable[bytes]:
@@ -291,7 +335,13 @@ class FastReads:
             key, query = request_target(env)
             if query:  # the raw target disagrees with QUERY_STRING: the framework decides
                 return self.requests.pass_on(self.app, env, start_response, served)
+            self.tokens.check(env.get("HTTP_AUTHORIZATION"), write=False)
             status, headers, body = lookup(self.store(), check_key(key, self.cfg.max_key_bytes))
+        except NeedsToken as exc:
+            status, body = falcon.HTTP_401, error_json("unauthorized", str(exc))
+            headers = [*JSON_TYPE, ("WWW-Authenticate", "Bearer")]
+        except WrongToken as exc:
+            status, headers, body = falcon.HTTP_403, JSON_TYPE, error_json("forbidden", str(exc))
         except BadKey as exc:
             status, headers, body = falcon.HTTP_400, JSON_TYPE, error_json("bad_key", str(exc))
         except Exception as exc:  # noqa: BLE001 - answered like the framework's handler
@@ -333,7 +383,8 @@ def create_app(cfg: Config, store: Callable[[], Store], limiter: ListLimiter | N
     app.add_route("/-/metrics", MetricsResource(cfg, store))
     if limiter is None:
         limiter = ListLimiter(cfg.list_rate, cfg.list_burst)
-    app.add_sink(KeyResource(cfg, store, limiter), prefix="/")
+    tokens = Tokens(cfg)
+    app.add_sink(KeyResource(cfg, store, limiter, tokens), prefix="/")
     app.add_sink(unknown_service_path, prefix="/-/")  # added later: checked first
 
     def on_error(req: falcon.Request, resp: falcon.Response, ex: Exception, params: dict) -> None:
@@ -345,4 +396,4 @@ def create_app(cfg: Config, store: Callable[[], Store], limiter: ListLimiter | N
 
     app.add_error_handler(Exception, on_error)
     app.set_error_serializer(serialize)
-    return FastReads(cfg, store, app)
+    return FastReads(cfg, store, app, tokens)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import dataclasses
 import functools
 import hashlib
 import itertools
@@ -16,7 +17,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from mkv import context, core
+from mkv import context, core, signing
 from mkv.cleanup import finish_delete
 from mkv.config import Config
 from mkv.core import Health, Verdict
@@ -101,6 +102,7 @@ class Store:
         self.reader = reader
         self.pool = pool
         self.ring = cfg.ring()
+        self.public = dict(cfg.public_urls)  # volume -> the base URL clients are sent to
         self.executor = ThreadPoolExecutor(max_workers=cfg.threads * cfg.replicas * 2,
                                            thread_name_prefix="mkv-io")
         self.writers = ThreadClients(writer_factory)
@@ -152,9 +154,14 @@ class Store:
 
     def locate(self, key: str) -> tuple[core.ReadTarget, Record | None]:
         record = self.reader.get(key)
-        target = core.read_target(key, record, self.health(), self.cfg.fallback, next(self._spread))
+        target = core.read_target(key, record, self.health(), self.cfg.fallback,
+                                  next(self._spread), self.public)
         if isinstance(target, core.Redirect) and target.volume is not None:
             context.touch(target.volume)  # the volume the client is sent to, for the access log
+            if self.cfg.redirect_secret:  # docs/design.md, "Signed redirects"
+                query = signing.signed_query(target.path, time.time(), self.cfg.redirect_ttl,
+                                             self.cfg.redirect_secret)
+                target = dataclasses.replace(target, location=target.location + query)
         return target, record
 
     @functools.lru_cache(maxsize=65536)  # noqa: B019 - one Store per worker, kept for its life
