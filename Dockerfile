@@ -7,9 +7,14 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 
 WORKDIR /src
-COPY . .
+# The dependencies first, from setup.cfg alone, so a change to the source reuses this layer.
 # Every dependency ships manylinux wheels (apsw included), so the slim image needs no compiler.
-RUN pip install . \
+COPY setup.cfg ./
+RUN python -c "import configparser; c = configparser.ConfigParser(); c.read('setup.cfg'); \
+print(c['options']['install_requires'])" > /tmp/requirements.txt \
+    && pip install -r /tmp/requirements.txt
+COPY . .
+RUN pip install --no-deps . \
     && useradd --system --uid 10001 --home-dir /index --shell /usr/sbin/nologin mkv \
     && mkdir -p /index \
     && chown mkv:mkv /index

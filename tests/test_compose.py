@@ -14,6 +14,8 @@ from typing import Any
 import pytest
 import yaml
 
+from mkv import config
+
 REPO = Path(__file__).resolve().parent.parent
 TEMPLATE = "./deploy/nginx/volume.conf.template"
 TEMPLATE_TARGET = "/etc/nginx/templates/default.conf.template"
@@ -93,8 +95,15 @@ def test_mkv_service_uses_all_three_volumes(compose: dict[str, Any]) -> None:
     service = compose["services"]["mkv"]
     args = command_args(service)
     assert args[:2] == ["mkv", "serve"]
-    hosts = [spec.split(":")[0] for spec in flag(args, "--volumes").split(",")]
-    assert sorted(hosts) == sorted(VOLUME_SERVICES)
+    entries = dict(spec.split("=", 1) for spec in flag(args, "--volumes").split(","))
+    assert sorted(e.split(":")[0] for e in entries) == sorted(VOLUME_SERVICES)
+    # each volume's public URL is the address its port 80 is published on, so that
+    # `curl -L localhost:3000/key` on the host follows the redirect
+    for address, url in entries.items():
+        published = [str(p) for p in compose["services"][address.split(":")[0]]["ports"]]
+        host = url.removeprefix("http://")
+        assert f"{host}:80:80" in published, (address, url, published)
+        assert config.public_url(url) == url
     assert flag(args, "--port") == "3000"
     assert flag(args, "--bind") == "0.0.0.0"
     db = flag(args, "--db")
@@ -104,15 +113,49 @@ def test_mkv_service_uses_all_three_volumes(compose: dict[str, Any]) -> None:
     assert set(depends) == set(VOLUME_SERVICES)
 
 
-def test_dockerfile_installs_the_package() -> None:
+def test_the_mkv_service_is_checked_and_stopped_gracefully(compose: dict[str, Any]) -> None:
+    service = compose["services"]["mkv"]
+    check = " ".join(service["healthcheck"]["test"])
+    assert "http://127.0.0.1:3000/-/health" in check
+    grace = service["stop_grace_period"]
+    assert grace.endswith("s") and int(grace[:-1]) > gunicorn_settings_graceful() + 2 * 10
+
+
+def gunicorn_settings_graceful() -> int:
+    from mkv.config import Config
+    from mkv.service.server import gunicorn_settings
+
+    return gunicorn_settings(Config(volumes=("a:1",)))["graceful_timeout"]
+
+
+def test_dockerfile_installs_the_dependencies_before_the_source() -> None:
     dockerfile = (REPO / "Dockerfile").read_text()
     assert re.search(r"^FROM python:3\.11", dockerfile, re.MULTILINE)
-    assert re.search(r"^RUN pip install \.(\s|$)", dockerfile, re.MULTILINE)
-    assert re.search(r"^COPY \. \.", dockerfile, re.MULTILINE)
+    deps = re.search(r"^RUN .*pip install -r ", dockerfile, re.MULTILINE | re.DOTALL)
+    source = re.search(r"^COPY \. \.", dockerfile, re.MULTILINE)
+    package = re.search(r"^RUN pip install --no-deps \.(\s|$)", dockerfile, re.MULTILINE)
+    assert deps and source and package
+    assert deps.start() < source.start() < package.start()
+    assert re.search(r"^COPY setup\.cfg \./", dockerfile, re.MULTILINE)
 
 
-def test_dockerignore_keeps_local_state_out_of_the_image() -> None:
-    ignored = (REPO / ".dockerignore").read_text().split()
-    for path in (".git", ".venv", "var"):
-        assert path in ignored
-    assert "README.md" not in ignored, "setup.cfg reads it as the long description"
+def test_the_dockerfile_reads_the_requirements_as_pip_would(tmp_path: Path) -> None:
+    """The RUN line's own python -c, run here beside a copy of setup.cfg: it prints
+    setup.cfg's install_requires, one requirement a line, as `pip install -r` reads them."""
+    import configparser
+    import shutil
+    import subprocess
+    import sys
+
+    from packaging.requirements import Requirement
+
+    dockerfile = (REPO / "Dockerfile").read_text().replace("\\\n", "")
+    code = re.search(r'python -c "([^"]+)"', dockerfile)[1]
+    shutil.copy(REPO / "setup.cfg", tmp_path / "setup.cfg")
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True,
+                         text=True, check=True).stdout
+    printed = [Requirement(line.strip()) for line in out.splitlines() if line.strip()]
+    c = configparser.ConfigParser()
+    c.read(REPO / "setup.cfg")
+    wanted = [line.strip() for line in c["options"]["install_requires"].splitlines() if line.strip()]
+    assert [str(r) for r in printed] == wanted and "falcon>=4.0" in wanted
