@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import statistics
 import subprocess
 import sys
@@ -26,8 +25,8 @@ from pathlib import Path
 import requests
 
 from bench import wrk
-from bench.workloads import group_cpu
-from tests.cluster import NginxVolume, free_port, group_alive
+from bench.workloads import group_cpu, stop_group
+from tests.cluster import NginxVolume, free_port
 
 
 class TreeService:
@@ -63,17 +62,7 @@ class TreeService:
         return f"http://127.0.0.1:{self.port}"
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                pass
-        deadline = time.monotonic() + 10
-        while group_alive(self.proc.pid) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        if group_alive(self.proc.pid):
-            os.killpg(self.proc.pid, signal.SIGKILL)
+        stop_group(self.proc, 30, linger=10)
         self.log.close()
 
 

@@ -86,14 +86,7 @@ class Baseline:
         return f"http://127.0.0.1:{self.port}"
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                pass
-        if group_alive(self.proc.pid):
-            os.killpg(self.proc.pid, signal.SIGKILL)
+        stop_group(self.proc, 15)
         self.proc.wait()
 
 
@@ -414,3 +407,19 @@ def writer_under_puts(c: Cluster, s: Settings) -> dict:
             "commits": commits, "committed_ops": ops,
             "commits_per_s": commits / result["seconds"],
             "keys_per_commit": ops / commits if commits else 0.0}
+
+
+def stop_group(proc: subprocess.Popen, timeout: float, linger: float = 0.0) -> None:
+    """SIGTERM a process started in a group of its own, wait up to `timeout` for it and
+    up to `linger` more for the rest of its group, then SIGKILL whatever is left."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            pass
+    deadline = time.monotonic() + linger
+    while group_alive(proc.pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    if group_alive(proc.pid):
+        os.killpg(proc.pid, signal.SIGKILL)

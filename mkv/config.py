@@ -454,17 +454,11 @@ def read(
     return cfg, ns
 
 
-def load(
-    argv: Sequence[str] | None,
-    prog: str = "mkv",
-    description: str = "mkv",
-    *,
-    extend: Callable[[configargparse.ArgumentParser], None] | None = None,
-    need_volumes: bool = True,
-) -> tuple[Config, configargparse.Namespace]:
-    """Parse and validate; on a bad configuration print each problem and exit 2."""
+def load(argv: Sequence[str] | None, prog: str = "mkv", description: str = "mkv",
+         **kw: Any) -> tuple[Config, configargparse.Namespace]:
+    """`read` (same arguments); on a bad configuration print each problem and exit 2."""
     try:
-        return read(argv, prog, description, extend=extend, need_volumes=need_volumes)
+        return read(argv, prog, description, **kw)
     except ConfigError as exc:
         exit_on(exc.problems, prog)
         raise  # not reached: exit_on exits on any problem

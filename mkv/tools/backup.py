@@ -44,7 +44,7 @@ import configargparse
 
 from mkv import config as config_mod
 from mkv.model import State
-from mkv.tools.progress import Progress
+from mkv.tools.progress import Progress, human_size
 
 PROG = "mkv backup"
 #: 1024 pages of 4 KiB: 4 MiB per step, a few milliseconds of copying.
@@ -233,19 +233,11 @@ def backup(db: Path, dest: Path, *, force: bool = False, step_pages: int = DEFAU
 # --- the command ----------------------------------------------------------------------------
 
 
-def _size(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return ""
-
-
 def summary(result: Result) -> str:
     c = result.counts
     return (f"{PROG}: {result.dest}: {c.keys} keys ({c.live} live, {c.unlinked} unlinked, "
-            f"{c.deleting} deleting), {c.value_bytes} bytes of values ({_size(c.value_bytes)}); "
-            f"file {result.file_bytes} bytes ({_size(result.file_bytes)}, {result.pages} pages) "
+            f"{c.deleting} deleting), {c.value_bytes} bytes of values ({human_size(c.value_bytes)}); "
+            f"file {result.file_bytes} bytes ({human_size(result.file_bytes)}, {result.pages} pages) "
             f"in {result.seconds:.1f}s")
 
 

@@ -44,3 +44,12 @@ class Progress:
             self.out.write("\n")
             self.out.flush()
             self.shown = False
+
+
+def human_size(n: float) -> str:
+    """Bytes in the largest binary unit below 1024 of it, for the tools' summaries."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return ""

@@ -41,7 +41,7 @@ from mkv import config as config_mod
 from mkv.config import Config
 from mkv.index import schema
 from mkv.model import Pending, PendingOp, PendingState, Record
-from mkv.tools.progress import Progress
+from mkv.tools.progress import Progress, human_size
 from mkv.tools.scan import (
     Candidate,
     KeyResolver,
@@ -380,14 +380,6 @@ def check_target(cfg: Config, db: str, force: bool) -> None:
 # --- progress and summary ------------------------------------------------------------------
 
 
-def _size(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return ""
-
-
 def progress_line(stats: Stats, started: float, problems: int) -> str:
     took = time.monotonic() - started
     rate = stats.keys / took if took > 0 else 0.0
@@ -399,8 +391,8 @@ def progress_line(stats: Stats, started: float, problems: int) -> str:
 def summary(result: Result) -> list[str]:
     s, r = result.stats, result.report
     lines = [
-        f"{PROG}: {s.keys} keys, {s.replicas} replicas, {_size(s.bytes)} of values "
-        f"({_size(s.replica_bytes)} with replicas) in {s.elapsed:.1f}s ({s.rate:,.0f} keys/s)",
+        f"{PROG}: {s.keys} keys, {s.replicas} replicas, {human_size(s.bytes)} of values "
+        f"({human_size(s.replica_bytes)} with replicas) in {s.elapsed:.1f}s ({s.rate:,.0f} keys/s)",
         f"{PROG}: scanned {s.volumes_scanned}/{s.volumes} volumes, {s.dirs_done} directories, "
         f"{s.requests} requests; HTTP {s.scan_s:.1f}s wall, SQLite {s.sqlite_s:.1f}s",
     ]
