@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import http.client
 import os
 import re
 import signal
 import socket
 import subprocess
 import sys
+import textwrap
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -23,6 +25,7 @@ import requests
 
 from mkv.volumes import nginx as mkv_nginx
 from tests.cluster import NginxVolume, VolumeStartError, free_port, group_alive, wait_http
+from tests.helpers import REPO
 
 KEY_HASH = hashlib.sha256(b"some key").hexdigest()
 BLOB = f"/{KEY_HASH[:2]}/{KEY_HASH[2:4]}/{KEY_HASH}"
@@ -383,6 +386,58 @@ def test_parse_disk() -> None:
 def test_check_disks_refuses(disks: list[str], error: str) -> None:
     with pytest.raises(mkv_nginx.VolumeConfigError, match=error):
         mkv_nginx.check_disks([mkv_nginx.parse_disk(d) for d in disks])
+
+
+def test_the_debian_runbook_renders_a_working_site(tmp_path: Path) -> None:
+    """docs/runbooks.md, "Volumes on a plain Debian nginx": its commands, run with the
+    paths moved under tmp_path, make a site that nginx accepts and that serves three disks
+    to the writers it names."""
+    text = (REPO / "docs" / "runbooks.md").read_text()
+    section = text.split("\n## Volumes on a plain Debian nginx\n", 1)[1].split("\n## ", 1)[0]
+    [script] = re.findall(r"```sh\n(.*?)```", section, re.S)
+    port = free_port()
+    etc, srv, log = tmp_path / "etc" / "nginx", tmp_path / "srv", tmp_path / "log"
+    for path in (etc / "sites-available", etc / "sites-enabled", log,
+                 *(srv / f"disk{i}" for i in (1, 2, 3))):
+        path.mkdir(parents=True)
+    for old, new in (("/opt/mkv/share/mkv/nginx", str(mkv_nginx.templates_dir())),
+                     ("/etc/nginx", str(etc)), ("/srv/", f"{srv}/"), ("/var/log/nginx", str(log)),
+                     ("PORT=3001", f"PORT={port}"), ("nginx -t && systemctl reload nginx", "")):
+        assert old in script, old
+        script = script.replace(old, new)
+    subprocess.run(["bash", "-euc", textwrap.dedent(script)], check=True, timeout=30)
+    site = etc / "sites-available" / f"mkv-{port}"
+    assert site.stat().st_mode & 0o777 == 0o600
+    main = tmp_path / "nginx.conf"  # Debian's, reduced to what matters here
+    main.write_text(f"""{mkv_nginx.user_line(srv)}
+daemon off; pid "{tmp_path}/nginx.pid"; error_log stderr warn; worker_processes 1;
+events {{ }}
+http {{
+    client_body_temp_path "{tmp_path}/body"; proxy_temp_path "{tmp_path}/proxy";
+    fastcgi_temp_path "{tmp_path}/fastcgi"; uwsgi_temp_path "{tmp_path}/uwsgi";
+    scgi_temp_path "{tmp_path}/scgi";
+    include "{etc}/sites-enabled/*";
+}}
+""")
+    argv = mkv_nginx.volume_command(main, tmp_path)
+    check = subprocess.run([*argv, "-t"], capture_output=True, text=True, timeout=10)
+    assert check.returncode == 0, check.stderr
+    proc = subprocess.Popen(argv, start_new_session=True, stderr=subprocess.DEVNULL)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_http(url + "/-/ping")
+        assert requests.put(url + "/disk2" + BLOB, data=b"x", timeout=5).status_code == 201
+        assert (srv / "disk2" / BLOB.lstrip("/")).read_bytes() == b"x"
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5,
+                                          source_address=("127.0.0.2", 0))
+        conn.request("PUT", "/disk1" + BLOB, body=b"y")
+        assert conn.getresponse().status == 403  # 127.0.0.2 is not in WRITERS
+        conn.close()
+        assert requests.get(url + "/disk3/-/ping", timeout=5).text == "ok\n"
+        assert requests.get(url + "/disk2/", timeout=5).json()[0]["name"] == BLOB[1:3]
+    finally:
+        proc.terminate()
+        proc.wait(10)
 
 
 def wait_for_access_lines(volume: NginxVolume, path: str, n: int) -> list[str]:
