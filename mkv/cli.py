@@ -18,6 +18,7 @@ commands:
 
 #: `mkv volume`'s options are `volume-root`, `volume-port`... in the shared file and
 #: MKV_VOLUME_ROOT... in the environment: its --port and --bind are not the service's.
+#: Its --redirect-secret is the service's `redirect-secret` (config.SHARED_SUBSETS).
 VOLUME_KEY_PREFIX = "volume-"
 
 
@@ -27,8 +28,10 @@ def volume_parser() -> config_mod.Parser:
 
     parser = config_mod.Parser(
         "mkv volume", "Run one nginx volume in the foreground. In the config file and the "
-        "environment its options are volume-root, volume-port, volume-bind and volume-workdir "
-        "(MKV_VOLUME_ROOT, ...).", key_prefix=VOLUME_KEY_PREFIX,
+        "environment its options are volume-root, volume-disk, volume-port, volume-bind, "
+        "volume-workdir and volume-writers (MKV_VOLUME_ROOT, ...), and the service's own "
+        "redirect-secret (MKV_REDIRECT_SECRET), so one shared file configures both.",
+        key_prefix=VOLUME_KEY_PREFIX, shared=config_mod.SHARED_SUBSETS["mkv volume"],
         formatter_class=argparse.HelpFormatter, add_config_file_help=False)
     nginx.add_volume_arguments(parser)
     return parser

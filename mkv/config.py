@@ -58,6 +58,15 @@ COMMAND_KEYS: Mapping[str, tuple[str, ...]] = {
     "volume-port": ("mkv volume",),
     "volume-bind": ("mkv volume",),
     "volume-workdir": ("mkv volume",),
+    "volume-disk": ("mkv volume",),
+    "volume-writers": ("mkv volume",),
+}
+
+#: Commands that read some of the shared keys (build_parser's) under the same name, and
+#: which; every other command reads all of them or none. `mkv volume` checks the
+#: signatures the service makes, so one `redirect-secret` in the shared file configures both.
+SHARED_SUBSETS: Mapping[str, frozenset[str]] = {
+    "mkv volume": frozenset({"redirect-secret"}),
 }
 
 #: Switches taken from the command line only. --force replaces an existing index, and
@@ -166,14 +175,17 @@ def env_name(key: str) -> str:
 class Parser(configargparse.ArgumentParser):
     """configargparse with mkv's rules for the shared file: a key is an option's first
     long flag with `key_prefix` in front (`mkv volume --port` is `volume-port`, so it
-    cannot take the service's `port`), and its environment variable follows the key.
+    cannot take the service's `port`), but for the `shared` flags, whose key is the flag
+    itself (SHARED_SUBSETS); an option's environment variable follows its key.
 
     What the file and the environment got wrong is collected in `problems` rather than
     exiting at the first, so `load` reports it with everything else.
     """
 
-    def __init__(self, prog: str, description: str, *, key_prefix: str = "", **kw: Any) -> None:
+    def __init__(self, prog: str, description: str, *, key_prefix: str = "",
+                 shared: frozenset[str] = frozenset(), **kw: Any) -> None:
         self.key_prefix = key_prefix
+        self.shared = shared
         self.problems: list[str] = []
         kw.setdefault("formatter_class", configargparse.ArgumentDefaultsHelpFormatter)
         super().__init__(prog=prog, description=description, auto_env_var_prefix=ENV_PREFIX,
@@ -188,7 +200,9 @@ class Parser(configargparse.ArgumentParser):
                 or getattr(action, "is_config_file_arg", False)):
             return []
         longs = [s[2:] for s in action.option_strings if s.startswith("--")]
-        return [self.key_prefix + longs[0]] if longs else []
+        if not longs:
+            return []
+        return [longs[0] if longs[0] in self.shared else self.key_prefix + longs[0]]
 
     def file_keys(self) -> dict[str, str]:
         """This command's keys, each with the flag that sets it on the command line."""
@@ -329,11 +343,17 @@ def public_url(text: str) -> str:
 _SECRET = re.compile(r"[A-Za-z0-9._~+/=-]{16,256}")
 
 
+def secret_problem(secret: str) -> str:
+    """What is wrong with a redirect secret, or "" (empty: signing off). Shared by the
+    service and `mkv volume`, so both refuse the same secrets."""
+    if secret and not _SECRET.fullmatch(secret):
+        return "redirect-secret: must be 16 to 256 of A-Z a-z 0-9 . _ ~ + / = -"
+    return ""
+
+
 def _security_problems(ns: configargparse.Namespace) -> list[str]:
     """Signed redirects and write tokens (docs/design.md, "Signed redirects", "Tokens")."""
-    problems = []
-    if ns.redirect_secret and not _SECRET.fullmatch(ns.redirect_secret):
-        problems.append("redirect-secret: must be 16 to 256 of A-Z a-z 0-9 . _ ~ + / = -")
+    problems = [p for p in [secret_problem(ns.redirect_secret)] if p]
     if ns.redirect_ttl < 1:
         problems.append("redirect-ttl: must be at least 1 second")
     if ns.api_tokens_file:

@@ -12,6 +12,7 @@ import signal
 import socket
 import subprocess
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Self
@@ -21,6 +22,8 @@ import requests
 from mkv.volumes.nginx import (
     ACCESS_LOG_NAME,
     WORKDIR_NAME,
+    Disk,
+    Network,
     listen_address,
     render_volume,
     volume_command,
@@ -77,13 +80,24 @@ def _wait_group_gone(pgid: int, timeout: float) -> bool:
 
 
 class NginxVolume:
-    """One nginx volume in its own session, so its master and workers die as one group."""
+    """One nginx volume in its own session, so its master and workers die as one group.
 
-    def __init__(self, root: Path, port: int, proc: subprocess.Popen[bytes], log: Path):
+    By default it serves `root` (the volume host:port) and lets this host write, as `mkv
+    volume --root` does. With `disks`, it serves those under their prefixes (the volumes
+    host:port/NAME) and `root` only holds its work directory; `writers` and `secret` are
+    `mkv volume`'s --writers and --redirect-secret.
+    """
+
+    def __init__(self, root: Path, port: int, proc: subprocess.Popen[bytes], log: Path, *,
+                 disks: Sequence[Disk] = (), writers: Sequence[Network] | None = None,
+                 secret: str = ""):
         self.root = root
         self.port = port
         self.proc = proc
         self.log = log
+        self.disks = tuple(disks)
+        self.writers = writers
+        self.secret = secret
 
     @property
     def address(self) -> str:
@@ -91,26 +105,40 @@ class NginxVolume:
         return f"127.0.0.1:{self.port}"
 
     @property
+    def disk_addresses(self) -> list[str]:
+        """With disks, the volumes as mkv names them: host:port/NAME each."""
+        return [self.address + disk.prefix for disk in self.disks]
+
+    @property
+    def workdir(self) -> Path:
+        return self.root / WORKDIR_NAME
+
+    @property
     def url(self) -> str:
         return f"http://{self.address}"
 
     @classmethod
-    def start(cls, root: Path, port: int | None = None) -> Self:
-        """Start nginx on root and return once it serves HTTP (or raise VolumeStartError)."""
+    def start(cls, root: Path, port: int | None = None, *, disks: Sequence[Disk] = (),
+              writers: Sequence[Network] | None = None, secret: str = "") -> Self:
+        """Start nginx on root (or disks) and return once it serves HTTP (or raise
+        VolumeStartError)."""
         attempts = 1 if port is not None else _START_ATTEMPTS
         for attempt in range(1, attempts + 1):
             chosen = port if port is not None else free_port()
             try:
-                return cls._start_once(Path(root).absolute(), chosen)
+                return cls._start_once(Path(root).absolute(), chosen, tuple(disks), writers,
+                                       secret)
             except VolumeStartError as exc:
                 if attempt == attempts or "Address already in use" not in str(exc):
                     raise
         raise AssertionError("unreachable")
 
     @classmethod
-    def _start_once(cls, root: Path, port: int) -> Self:
+    def _start_once(cls, root: Path, port: int, disks: tuple[Disk, ...],
+                    writers: Sequence[Network] | None, secret: str) -> Self:
         workdir = root / WORKDIR_NAME
-        conf = render_volume(root, listen_address("127.0.0.1", port), workdir)
+        conf = render_volume(disks or root, listen_address("127.0.0.1", port), workdir,
+                             writers=writers, secret=secret)
         log = workdir / "stderr.log"
         # A file, not a pipe: nobody reads nginx's stderr while it runs, and a full pipe would
         # block its error logging.
@@ -122,7 +150,7 @@ class NginxVolume:
                 stderr=err,
                 start_new_session=True,
             )
-        volume = cls(root, port, proc, log)
+        volume = cls(root, port, proc, log, disks=disks, writers=writers, secret=secret)
         try:
             volume._wait_ready()
         except BaseException:
@@ -200,7 +228,8 @@ class NginxVolume:
         """Start again on the same root and port, e.g. after kill() in a failure test."""
         if self.running:
             self.stop()
-        fresh = type(self).start(self.root, self.port)
+        fresh = type(self).start(self.root, self.port, disks=self.disks, writers=self.writers,
+                                 secret=self.secret)
         self.proc, self.log = fresh.proc, fresh.log
 
     def __enter__(self) -> Self:

@@ -6,19 +6,28 @@ integration tests exercise, and the service must be pointed at exactly those vol
 
 from __future__ import annotations
 
+import ipaddress
 import re
 import shlex
+import shutil
+import subprocess
 from pathlib import Path
 from typing import Any
 
 import pytest
+import requests
 import yaml
 
 from mkv import config
+from mkv.volumes import nginx as mkv_nginx
+from tests.cluster import free_port, wait_http
+from tests.helpers import TIMEOUT
 
 REPO = Path(__file__).resolve().parent.parent
 TEMPLATE = "./deploy/nginx/volume.conf.template"
 TEMPLATE_TARGET = "/etc/nginx/templates/default.conf.template"
+DISK_TEMPLATE = "./deploy/nginx/disk.conf.template"
+DISK_TEMPLATE_TARGET = "/etc/nginx/templates/mkv/disk.conf.template"
 VOLUME_SERVICES = ("vol1", "vol2", "vol3")
 
 
@@ -59,16 +68,119 @@ def test_volume_services_run_stock_nginx_with_the_project_template(
     assert re.fullmatch(r"nginx:[\w.-]+", service["image"])
     assert mounts(service)[TEMPLATE_TARGET] == f"{TEMPLATE}:ro"
     assert (REPO / TEMPLATE).is_file()
+    assert mounts(service)[DISK_TEMPLATE_TARGET] == f"{DISK_TEMPLATE}:ro"
     env = service["environment"]
     assert str(env["MKV_VOLUME_LISTEN"]) == "80"
     assert env["MKV_VOLUME_ROOT"] == "/data"
+    assert env["MKV_VOLUME_PREFIX"] == ""  # one disk at "/": mkv's volume is vol1:80
     # the stock image links this file to the container's stdout
     assert env["MKV_VOLUME_ACCESS_LOG"] == "/var/log/nginx/access.log"
+    # the entrypoint renders templates/<path>.template into conf.d/<path>
+    assert env["MKV_VOLUME_DISKS"] == "/etc/nginx/conf.d/mkv/disk.conf"
+    assert re.fullmatch(r"[A-Za-z0-9_]+", env["MKV_VOLUME_NAME"])
     # envsubst leaves a placeholder whose variable is unset as it is: nginx would refuse it
-    placeholders = set(re.findall(r"\$\{(\w+)\}", (REPO / TEMPLATE).read_text()))
-    assert placeholders <= set(env), placeholders - set(env)
+    for template in (TEMPLATE, DISK_TEMPLATE):
+        placeholders = set(re.findall(r"\$\{(\w+)\}", (REPO / template).read_text()))
+        assert placeholders <= set(env), (template, placeholders - set(env))
     data_volume = mounts(service)["/data"]
     assert data_volume in compose["volumes"], "blobs must live in a named volume"
+
+
+def geo(entries: str) -> dict[ipaddress.IPv4Network | ipaddress.IPv6Network, str]:
+    """MKV_VOLUME_WRITERS_GEO's "CIDR value;" entries, each checked."""
+    parsed = {}
+    for entry in filter(None, (e.strip() for e in entries.split(";"))):
+        address, value = entry.split()
+        assert value in ("0", "1"), entry
+        parsed[ipaddress.ip_network(address)] = value
+    return parsed
+
+
+def test_the_writers_are_the_compose_network_but_its_gateway(compose: dict[str, Any]) -> None:
+    """mkv reaches the volumes from inside the network; the host's clients come through the
+    published ports, i.e. from the gateway, and must only read."""
+    [pool] = compose["networks"]["default"]["ipam"]["config"]
+    subnet, gateway = ipaddress.ip_network(pool["subnet"]), ipaddress.ip_address(pool["gateway"])
+    for name in VOLUME_SERVICES:
+        entries = geo(compose["services"][name]["environment"]["MKV_VOLUME_WRITERS_GEO"])
+        assert entries == {subnet: "1", ipaddress.ip_network(f"{gateway}/32"): "0"}
+    # only the one network: every container is on it, mkv included
+    assert all("networks" not in service for service in compose["services"].values())
+
+
+def test_signing_is_off_unless_one_secret_is_set_for_both(compose: dict[str, Any]) -> None:
+    """Compose fills ${MKV_REDIRECT_SECRET:-} from the caller's environment or .env,
+    empty by default: the same value for the service that signs and the volumes that check."""
+    values = {compose["services"][name]["environment"]["MKV_REDIRECT_SECRET"]
+              for name in (*VOLUME_SERVICES, "mkv")}
+    assert values == {"${MKV_REDIRECT_SECRET:-}"}
+
+
+def render_like_the_image(compose: dict[str, Any], tmp_path: Path, **override: str) -> Path:
+    """What the nginx image's entrypoint makes of vol1's templates (envsubst of every variable
+    set, templates/<path>.template into conf.d/<path>), with compose's interpolation of
+    ${MKV_REDIRECT_SECRET:-} as given in `override` (default empty) and the container's
+    paths moved under tmp_path; a main config standing in for the image's. Its path."""
+    envsubst = shutil.which("envsubst")
+    if envsubst is None:
+        pytest.skip("envsubst (gettext-base) is not installed")
+    service = compose["services"]["vol1"]
+    conf_d = tmp_path / "conf.d"
+    (conf_d / "mkv").mkdir(parents=True)
+    (tmp_path / "data" / ".tmp").mkdir(parents=True)
+    env = {name: str(value) for name, value in service["environment"].items()}
+    env.update(MKV_REDIRECT_SECRET="", MKV_VOLUME_ROOT=str(tmp_path / "data"),
+               MKV_VOLUME_ACCESS_LOG=str(tmp_path / "access.log"),
+               MKV_VOLUME_DISKS=env["MKV_VOLUME_DISKS"].replace("/etc/nginx/conf.d",
+                                                                str(conf_d)))
+    env.update(override)
+    names = " ".join(f"${{{name}}}" for name in env)
+    for target, output in ((TEMPLATE_TARGET, conf_d / "default.conf"),
+                           (DISK_TEMPLATE_TARGET, conf_d / "mkv" / "disk.conf")):
+        source = mounts(service)[target].rsplit(":", 1)[0]
+        with (REPO / source).open() as template, output.open("w") as out:
+            subprocess.run([envsubst, names], stdin=template, stdout=out, env=env, check=True,
+                           timeout=10)
+    main = tmp_path / "nginx.conf"
+    main.write_text(f'''{mkv_nginx.user_line(tmp_path / "data")}
+daemon off; pid "{tmp_path}/nginx.pid"; error_log stderr warn; worker_processes 1;
+events {{ }}
+http {{
+    client_body_temp_path "{tmp_path}/client_body"; proxy_temp_path "{tmp_path}/proxy";
+    fastcgi_temp_path "{tmp_path}/fastcgi"; uwsgi_temp_path "{tmp_path}/uwsgi";
+    scgi_temp_path "{tmp_path}/scgi";
+    include "{conf_d}/*.conf";
+}}
+''')
+    return main
+
+
+@pytest.mark.parametrize("secret", ["", "a-shared-secret-of-the-stack"])
+def test_the_volume_templates_render_a_config_nginx_accepts(
+        compose: dict[str, Any], tmp_path: Path, secret: str) -> None:
+    main = render_like_the_image(compose, tmp_path, MKV_REDIRECT_SECRET=secret)
+    argv = mkv_nginx.volume_command(main, tmp_path)
+    check = subprocess.run([*argv, "-t"], capture_output=True, text=True, timeout=10)
+    assert check.returncode == 0, check.stderr
+
+
+def test_the_rendered_volume_lets_only_the_compose_network_write(
+        compose: dict[str, Any], tmp_path: Path) -> None:
+    """Served for real (on a free port rather than 80): from this host, outside the compose
+    network, a PUT is refused and the probe answers."""
+    port = free_port()
+    main = render_like_the_image(compose, tmp_path, MKV_VOLUME_LISTEN=f"127.0.0.1:{port}")
+    proc = subprocess.Popen(mkv_nginx.volume_command(main, tmp_path), start_new_session=True,
+                            stderr=subprocess.DEVNULL)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        assert wait_http(url + "/-/ping").text == "ok\n"
+        assert requests.put(url + "/ab/cd/x", data=b"x", timeout=TIMEOUT).status_code == 403
+        assert requests.get(url + "/", timeout=TIMEOUT).status_code == 403
+        assert not (tmp_path / "data" / "ab").exists()
+    finally:
+        proc.terminate()
+        proc.wait(10)
 
 
 def test_volume_services_have_separate_data(compose: dict[str, Any]) -> None:

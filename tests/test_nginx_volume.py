@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import http.client
 import os
 import re
 import signal
 import socket
 import subprocess
 import sys
+import textwrap
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -23,6 +25,7 @@ import requests
 
 from mkv.volumes import nginx as mkv_nginx
 from tests.cluster import NginxVolume, VolumeStartError, free_port, group_alive, wait_http
+from tests.helpers import REPO
 
 KEY_HASH = hashlib.sha256(b"some key").hexdigest()
 BLOB = f"/{KEY_HASH[:2]}/{KEY_HASH[2:4]}/{KEY_HASH}"
@@ -215,49 +218,226 @@ def test_three_volumes_are_independent(volumes: list[NginxVolume]) -> None:
 # --- rendering and the `mkv volume` entry point, without running nginx ----------------------
 
 
-def test_server_template_only_uses_the_three_shared_placeholders() -> None:
-    """The docker image renders the same file with envsubst; nothing else may look like one."""
-    text = (mkv_nginx.templates_dir() / mkv_nginx.SERVER_TEMPLATE).read_text()
-    assert set(re.findall(r"\$\{(\w+)\}", text)) == {
-        "MKV_VOLUME_LISTEN", "MKV_VOLUME_ROOT", "MKV_VOLUME_ACCESS_LOG"}
+def placeholders(text: str) -> set[str]:
+    return set(re.findall(r"\$\{(\w+)\}", text))
+
+
+@pytest.mark.parametrize("name, expected", [
+    (mkv_nginx.SERVER_TEMPLATE, mkv_nginx.SERVER_PLACEHOLDERS),
+    (mkv_nginx.DISK_TEMPLATE, mkv_nginx.DISK_PLACEHOLDERS)])
+def test_templates_only_use_their_shared_placeholders(name: str, expected: frozenset) -> None:
+    """The docker image renders the same files with envsubst; nothing else may look like one."""
+    text = (mkv_nginx.templates_dir() / name).read_text()
+    assert placeholders(text) == expected
     # nginx's own variables are lower-case: envsubst only touches the environment's names,
     # which in the stock image are upper-case
     assert all(name == name.lower() for name in re.findall(r"\$(\w+)", text))
+    # renderers substitute comments too: a value with a newline would end the comment
+    comments = [line for line in text.splitlines() if line.lstrip().startswith("#")]
+    assert not placeholders("\n".join(comments))
 
 
-def test_render_volume_writes_a_config_nginx_accepts(tmp_path: Path) -> None:
-    root, workdir = tmp_path / "data dir", tmp_path / "work"
-    conf = mkv_nginx.render_volume(root, mkv_nginx.listen_address("::1", 3001), workdir)
-    assert (root / ".tmp").is_dir()
-    server = (workdir / "volume.conf").read_text()
-    assert "listen [::1]:3001;" in server
-    assert f'root "{root}";' in server
-    assert f'access_log "{workdir / "access.log"}" "mkv_volume_[::1]:3001"' in server
-    assert "${" not in conf.read_text()
+def render_and_test(tmp_path: Path, disks: Path | list[mkv_nginx.Disk], listen: str = "127.0.0.1:3001",
+                    **kw: object) -> Path:
+    """Render into tmp_path/work and run `nginx -t` on it; the work directory."""
+    workdir = tmp_path / "work"
+    conf = mkv_nginx.render_volume(disks, listen, workdir, **kw)
+    assert "${" not in "".join(p.read_text() for p in workdir.glob("*.conf"))
     argv = mkv_nginx.volume_command(conf, workdir)
     check = subprocess.run([*argv, "-t"], check=False, capture_output=True, text=True, timeout=10)
     assert check.returncode == 0, check.stderr
+    return workdir
+
+
+SECRET = "0123456789abcdef-SECRET"
+
+
+@pytest.mark.parametrize("disks", ["root", "disks"])
+@pytest.mark.parametrize("writers", [None, "127.0.0.1,10.0.0.0/8,192.168.7.0/24,::1,fd00::/8"])
+@pytest.mark.parametrize("secret", ["", SECRET])
+def test_every_rendered_config_passes_nginx_t(tmp_path: Path, disks: str, writers: str | None,
+                                              secret: str) -> None:
+    spec = (tmp_path / "data dir" if disks == "root" else
+            [mkv_nginx.Disk("/disk1", tmp_path / "d1"), mkv_nginx.Disk("/disk2", tmp_path / "d2")])
+    nets = mkv_nginx.parse_writers(writers) if writers else None
+    workdir = render_and_test(tmp_path, spec, writers=nets, secret=secret)
+    server = (workdir / "volume.conf").read_text()
+    if writers:
+        assert "    10.0.0.0/8 1;\n    192.168.7.0/24 1;\n    ::1/128 1;\n    fd00::/8 1;\n" in server
+    else:
+        assert "    127.0.0.0/8 1;\n    ::1/128 1;\n}" in server
+    assert f'secure_link_md5 "$secure_link_expires$uri {secret}";' in server
+    assert f'map "{secret}" $mkv_signed_127_0_0_1_3001 {{' in server
+
+
+def test_render_volume_writes_a_config_nginx_accepts(tmp_path: Path) -> None:
+    root = tmp_path / "data dir"
+    workdir = render_and_test(tmp_path, root, mkv_nginx.listen_address("::1", 3001))
+    assert (root / ".tmp").is_dir()
+    server = (workdir / "volume.conf").read_text()
+    assert "listen [::1]:3001;" in server
+    assert f'access_log "{workdir / "access.log"}" "mkv_volume_[::1]:3001"' in server
+    assert f'include "{workdir / "disks.conf"}";' in server
+    disk = (workdir / "disks.conf").read_text()
+    assert "location ^~ / {" in disk
+    assert f'alias "{root}/";' in disk
+    assert f'client_body_temp_path "{root}/.tmp";' in disk
+
+
+def test_rendered_files_are_private_even_over_older_ones(tmp_path: Path) -> None:
+    """They hold the redirect secret: owner only, also when an earlier rendering was 0644."""
+    workdir = tmp_path / "work"
+    workdir.mkdir()
+    (workdir / "volume.conf").write_text("old")
+    (workdir / "volume.conf").chmod(0o644)
+    mkv_nginx.render_volume(tmp_path / "data", "127.0.0.1:3001", workdir, secret=SECRET)
+    for name in ("nginx.conf", "volume.conf", "disks.conf"):
+        assert (workdir / name).stat().st_mode & 0o777 == 0o600, name
+    assert SECRET in (workdir / "volume.conf").read_text()
+    assert [p.name for p in workdir.iterdir() if p.name.startswith(".")] == []
+
+
+def test_workers_follow_the_machine(tmp_path: Path) -> None:
+    import resource
+    workdir = render_and_test(tmp_path, tmp_path / "data")
+    main = (workdir / "nginx.conf").read_text()
+    nofile, connections = mkv_nginx.worker_limits(*resource.getrlimit(resource.RLIMIT_NOFILE))
+    assert "worker_processes auto;" in main
+    assert f"worker_rlimit_nofile {nofile};" in main
+    assert f"worker_connections {connections};" in main
+
+
+@pytest.mark.parametrize("soft, hard, expected", [
+    (1024, 524288, (32768, 16384)),   # Debian's default: the hard limit is what nginx can use
+    (65536, 65536, (32768, 16384)),   # systemd's LimitNOFILE=65536: capped
+    (1024, 4096, (4096, 2048)),
+    (20000, 20000, (20000, 10000)),
+    (64, 64, (64, 256)),              # tiny: nginx warns, but a volume needs some connections
+    (-1, -1, (32768, 16384)),         # RLIM_INFINITY
+])
+def test_worker_limits(soft: int, hard: int, expected: tuple[int, int]) -> None:
+    assert mkv_nginx.worker_limits(soft, hard) == expected
 
 
 def test_two_volumes_in_one_nginx_do_not_clash(tmp_path: Path) -> None:
-    """log_format is http-wide: each volume's server block names its own after its listen
-    address, so one nginx can serve several volumes' blocks (a host's conf.d)."""
+    """log_format, geo and map are http-wide: each volume's server block names its own after
+    its listen address, so one nginx can serve several volumes' blocks (a host's conf.d)."""
     workdir = tmp_path / "work"
     workdir.mkdir()
-    template = (mkv_nginx.templates_dir() / mkv_nginx.SERVER_TEMPLATE).read_text()
+    source = mkv_nginx.templates_dir()
+    template = (source / mkv_nginx.SERVER_TEMPLATE).read_text()
+    texts = []
     for i, port in enumerate((3001, 3002)):
         root = tmp_path / f"data{i}"
         (root / ".tmp").mkdir(parents=True)
-        (workdir / f"volume{i}.server").write_text(mkv_nginx.render_server_block(
-            template, root, mkv_nginx.listen_address("127.0.0.1", port), workdir / f"{i}.log"))
+        disks = workdir / f"disk{i}.locations"
+        disks.write_text(mkv_nginx.render_disk_block(
+            (source / mkv_nginx.DISK_TEMPLATE).read_text(), mkv_nginx.Disk("", root)))
+        texts.append(mkv_nginx.render_server_block(
+            template, listen=mkv_nginx.listen_address("127.0.0.1", port),
+            access_log=workdir / f"{i}.log", disks_conf=disks,
+            writers=mkv_nginx.parse_writers("127.0.0.1"), secret=SECRET if i else ""))
+        (workdir / f"volume{i}.server").write_text(texts[-1])
+    variables = [set(re.findall(r"\$(mkv_\w+)", text)) for text in texts]
+    assert len(variables[0]) == 3 and not variables[0] & variables[1]
     main = workdir / "nginx.conf"
     main.write_text(mkv_nginx.render_main_config(
-        (mkv_nginx.templates_dir() / mkv_nginx.MAIN_TEMPLATE).read_text(), workdir=workdir,
+        (source / mkv_nginx.MAIN_TEMPLATE).read_text(), workdir=workdir,
         server_conf=workdir / "*.server", user_line="", worker_processes=1,
         error_log_level="warn"))
     argv = mkv_nginx.volume_command(main, workdir)
     check = subprocess.run([*argv, "-t"], check=False, capture_output=True, text=True, timeout=10)
     assert check.returncode == 0, check.stderr
+
+
+@pytest.mark.parametrize("text, error", [
+    ("", "none given"), (" , ", "none given"), ("10.0.0.5/8", "host bits set"),
+    ("localhost", "does not appear to be an IPv4 or IPv6 network"), ("::1/129", "::1/129")])
+def test_parse_writers_refuses(text: str, error: str) -> None:
+    with pytest.raises(mkv_nginx.VolumeConfigError, match=error):
+        mkv_nginx.parse_writers(text)
+
+
+def test_parse_writers_takes_addresses_and_networks() -> None:
+    nets = mkv_nginx.parse_writers(" 10.0.0.5, 10.1.0.0/16,::1,10.0.0.5 ")
+    assert [n.with_prefixlen for n in nets] == ["10.0.0.5/32", "10.1.0.0/16", "::1/128"]
+    assert mkv_nginx.geo_entries(nets) == "10.0.0.5/32 1;\n    10.1.0.0/16 1;\n    ::1/128 1;"
+
+
+@pytest.mark.parametrize("text, error", [
+    ("disk1", "NAME=DIR"), ("disk1=", "NAME=DIR"), ("=/srv/d", "the name"),
+    (".tmp=/srv/d", "the name"), ("-=/srv/d", "the name"), ("a/b=/srv/d", "the name"),
+    ('d="/srv/x"', "characters nginx config cannot hold"), ("d=/srv/$x", "cannot hold")])
+def test_parse_disk_refuses(text: str, error: str) -> None:
+    with pytest.raises(mkv_nginx.VolumeConfigError, match=error):
+        mkv_nginx.parse_disk(text)
+
+
+def test_parse_disk() -> None:
+    assert mkv_nginx.parse_disk("disk-1.a_b=/srv/d=1") == mkv_nginx.Disk("/disk-1.a_b",
+                                                                         Path("/srv/d=1"))
+
+
+@pytest.mark.parametrize("disks, error", [
+    ([], "no disk"),
+    (["a=/srv/a", "a=/srv/b"], "given twice"),
+    (["a=/srv/a", "b=/srv/a"], "overlap"),
+    (["a=/srv", "b=/srv/b"], "overlap")])
+def test_check_disks_refuses(disks: list[str], error: str) -> None:
+    with pytest.raises(mkv_nginx.VolumeConfigError, match=error):
+        mkv_nginx.check_disks([mkv_nginx.parse_disk(d) for d in disks])
+
+
+def test_the_debian_runbook_renders_a_working_site(tmp_path: Path) -> None:
+    """docs/runbooks.md, "Volumes on a plain Debian nginx": its commands, run with the
+    paths moved under tmp_path, make a site that nginx accepts and that serves three disks
+    to the writers it names."""
+    text = (REPO / "docs" / "runbooks.md").read_text()
+    section = text.split("\n## Volumes on a plain Debian nginx\n", 1)[1].split("\n## ", 1)[0]
+    [script] = re.findall(r"```sh\n(.*?)```", section, re.S)
+    port = free_port()
+    etc, srv, log = tmp_path / "etc" / "nginx", tmp_path / "srv", tmp_path / "log"
+    for path in (etc / "sites-available", etc / "sites-enabled", log,
+                 *(srv / f"disk{i}" for i in (1, 2, 3))):
+        path.mkdir(parents=True)
+    for old, new in (("/opt/mkv/share/mkv/nginx", str(mkv_nginx.templates_dir())),
+                     ("/etc/nginx", str(etc)), ("/srv/", f"{srv}/"), ("/var/log/nginx", str(log)),
+                     ("PORT=3001", f"PORT={port}"), ("nginx -t && systemctl reload nginx", "")):
+        assert old in script, old
+        script = script.replace(old, new)
+    subprocess.run(["bash", "-euc", textwrap.dedent(script)], check=True, timeout=30)
+    site = etc / "sites-available" / f"mkv-{port}"
+    assert site.stat().st_mode & 0o777 == 0o600
+    main = tmp_path / "nginx.conf"  # Debian's, reduced to what matters here
+    main.write_text(f"""{mkv_nginx.user_line(srv)}
+daemon off; pid "{tmp_path}/nginx.pid"; error_log stderr warn; worker_processes 1;
+events {{ }}
+http {{
+    client_body_temp_path "{tmp_path}/body"; proxy_temp_path "{tmp_path}/proxy";
+    fastcgi_temp_path "{tmp_path}/fastcgi"; uwsgi_temp_path "{tmp_path}/uwsgi";
+    scgi_temp_path "{tmp_path}/scgi";
+    include "{etc}/sites-enabled/*";
+}}
+""")
+    argv = mkv_nginx.volume_command(main, tmp_path)
+    check = subprocess.run([*argv, "-t"], capture_output=True, text=True, timeout=10)
+    assert check.returncode == 0, check.stderr
+    proc = subprocess.Popen(argv, start_new_session=True, stderr=subprocess.DEVNULL)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_http(url + "/-/ping")
+        assert requests.put(url + "/disk2" + BLOB, data=b"x", timeout=5).status_code == 201
+        assert (srv / "disk2" / BLOB.lstrip("/")).read_bytes() == b"x"
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5,
+                                          source_address=("127.0.0.2", 0))
+        conn.request("PUT", "/disk1" + BLOB, body=b"y")
+        assert conn.getresponse().status == 403  # 127.0.0.2 is not in WRITERS
+        conn.close()
+        assert requests.get(url + "/disk3/-/ping", timeout=5).text == "ok\n"
+        assert requests.get(url + "/disk2/", timeout=5).json()[0]["name"] == BLOB[1:3]
+    finally:
+        proc.terminate()
+        proc.wait(10)
 
 
 def wait_for_access_lines(volume: NginxVolume, path: str, n: int) -> list[str]:
@@ -314,6 +494,38 @@ def test_volume_main_rejects_a_file_as_root(
     assert mkv_nginx.volume_main(args) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "not a directory" in err
+
+
+@pytest.mark.parametrize("argv, error", [
+    ([], "no disk: give --root DIR, or --disk NAME=DIR"),
+    (["--root", "{tmp}/r", "--disk", "a={tmp}/a"], "--root and --disk exclude each other"),
+    (["--disk", "a={tmp}/a", "--disk", "a={tmp}/b"], "given twice"),
+    (["--disk", "../x={tmp}/a"], "the name"),
+    (["--root", "{tmp}/r", "--writers", "10.0.0.1/8"], "writers: 10.0.0.1/8 has host bits set"),
+    (["--root", "{tmp}/r", "--writers", ""], "writers: none given"),
+    (["--root", "{tmp}/r", "--redirect-secret", "short"], "redirect-secret: must be 16 to 256"),
+    (["--root", "{tmp}/r", "--redirect-secret", 'x"; return 200; #' * 2], "redirect-secret"),
+])
+def test_volume_main_refuses_bad_disks_writers_and_secrets(
+    tmp_path: Path, argv: list[str], error: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = parse_volume_args([a.replace("{tmp}", str(tmp_path)) for a in argv]
+                             + ["--port", str(free_port())])
+    assert mkv_nginx.volume_main(args) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and error in err, err
+    assert not list(tmp_path.iterdir()), "nothing is created for a refused configuration"
+
+
+def test_volume_main_rejects_a_file_as_a_disk(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    afile = tmp_path / "file"
+    afile.write_text("")
+    args = parse_volume_args(["--disk", f"d1={tmp_path / 'ok'}", "--disk", f"d2={afile}",
+                              "--port", str(free_port())])
+    assert mkv_nginx.volume_main(args) == 2
+    assert "--disk d2 is not a directory" in capsys.readouterr().err
 
 
 def test_find_nginx_explains_how_to_install(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -35,6 +35,7 @@ NOT_SOURCE = shutil.ignore_patterns(
 SHIPPED = {
     "share/mkv/nginx/nginx.conf.template": ROOT / "deploy/nginx/nginx.conf.template",
     "share/mkv/nginx/volume.conf.template": ROOT / "deploy/nginx/volume.conf.template",
+    "share/mkv/nginx/disk.conf.template": ROOT / "deploy/nginx/disk.conf.template",
     "share/mkv/mkv.conf": ROOT / "etc/mkv.conf",
     **{f"share/mkv/systemd/{name}": ROOT / "deploy/systemd" / name
        for name in ("mkv.service", "mkv-volume@.service", "mkv.sysusers", "mkv.tmpfiles",
