@@ -34,12 +34,13 @@ def addresses(volumes: Iterable[VolumeLike]) -> list[str]:
     return [v if isinstance(v, str) else v.address for v in volumes]
 
 
-def start_volumes(base: Path, n: int, first: int = 1) -> list[NginxVolume]:
-    """n volumes under base/vol<first>..., stopping the ones already started if one fails."""
+def start_volumes(base: Path, n: int, first: int = 1, **kw: object) -> list[NginxVolume]:
+    """n volumes under base/vol<first>... (`kw`: NginxVolume.start's writers, secret),
+    stopping the ones already started if one fails."""
     started: list[NginxVolume] = []
     try:
         for i in range(first, first + n):
-            started.append(NginxVolume.start(base / f"vol{i}"))
+            started.append(NginxVolume.start(base / f"vol{i}", **kw))
     except BaseException:
         for volume in started:
             volume.stop()

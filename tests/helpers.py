@@ -138,6 +138,25 @@ def pending_ops(svc: MkvService) -> list[tuple[str, str, int, int]]:
 # --- HTTP to the service ----------------------------------------------------------------------
 
 
+class SourceAddress(requests.adapters.HTTPAdapter):
+    """Connections from one local address (a client that is not one of the volumes'
+    writers: those are 127.0.0.1 when a test's volumes sign their reads)."""
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+        super().__init__()
+
+    def init_poolmanager(self, *args: object, **kw: object) -> None:
+        kw["source_address"] = (self.source, 0)
+        super().init_poolmanager(*args, **kw)
+
+
+#: The client a user is: it follows redirects to the volumes from 127.0.0.2, so a volume
+#: that signs its reads checks the Location the service gave it.
+CLIENT = requests.Session()
+CLIENT.mount("http://", SourceAddress("127.0.0.2"))
+
+
 def url(svc: MkvService, path: str) -> str:
     """Service URL of an already percent-encoded path."""
     return svc.url + path
@@ -159,14 +178,14 @@ def get(svc: MkvService, key: str) -> requests.Response:
 
 def fetch(svc: MkvService, key: str) -> requests.Response:
     """GET following the redirect: whatever the client ends with (200, 404, 503...)."""
-    return requests.get(kurl(svc, key), timeout=TIMEOUT)
+    return CLIENT.get(kurl(svc, key), timeout=TIMEOUT)
 
 
 def read(svc: MkvService, key: str) -> bytes:
     """The value as a client reads it: GET, follow the 302 to the volume."""
     r = get(svc, key)
     assert r.status_code == 302, (key, r.status_code, r.text)
-    data = requests.get(r.headers["Location"], timeout=TIMEOUT)
+    data = CLIENT.get(r.headers["Location"], timeout=TIMEOUT)
     assert data.status_code == 200
     return data.content
 
@@ -244,7 +263,7 @@ def raw_read(svc: MkvService, path: str) -> bytes:
     """The value behind a raw path: GET it byte for byte, follow the 302."""
     status, headers, _ = raw(svc, "GET", path)
     assert status == 302, (path, status)
-    r = requests.get(headers["location"], timeout=TIMEOUT)
+    r = CLIENT.get(headers["location"], timeout=TIMEOUT)
     assert r.status_code == 200
     return r.content
 

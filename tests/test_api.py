@@ -15,6 +15,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import http.client
+import ipaddress
 import json
 import os
 import re
@@ -29,7 +30,9 @@ import requests
 
 from mkv.model import State
 from tests.cluster import NginxVolume
+from tests.conftest import start_volumes
 from tests.helpers import (
+    CLIENT,
     TIMEOUT,
     FakeVolume,
     SlowBody,
@@ -53,6 +56,48 @@ from tests.helpers import (
     wait_until,
 )
 from tests.service import MkvService
+
+# --- the module's cluster, twice: redirects unsigned, then signed --------------------------------
+
+SECRET = "the-api-suite-redirect-secret"
+
+
+@pytest.fixture(scope="module", params=["unsigned", "signed"])
+def signing(request: pytest.FixtureRequest) -> str:
+    """The redirect secret of the module's volumes and service ("" for none). Signed, the
+    volumes take only 127.0.0.1 (mkv) as a writer, and the tests' clients follow redirects
+    from 127.0.0.2 (tests/helpers.py CLIENT), so every Location they follow is checked."""
+    return SECRET if request.param == "signed" else ""
+
+
+@pytest.fixture(scope="module")
+def shared_volumes(tmp_path_factory: pytest.TempPathFactory, signing: str
+                   ) -> Iterator[list[NginxVolume]]:
+    writers = [ipaddress.ip_network("127.0.0.1/32")] if signing else None
+    started = start_volumes(tmp_path_factory.mktemp("api-volumes"), 3, writers=writers,
+                            secret=signing)
+    yield started
+    for volume in started:
+        volume.stop()
+
+
+@pytest.fixture(scope="module")
+def start_shared_service(start_shared_service: Callable[..., MkvService], signing: str
+                         ) -> Callable[..., MkvService]:
+    """conftest's, with the module's redirect secret: every service here signs, or none."""
+    def start(volumes: list, **kw: object) -> MkvService:
+        if signing:
+            kw["extra"] = [*kw.get("extra", ()), "--redirect-secret", signing]  # type: ignore[misc]
+        return start_shared_service(volumes, **kw)
+
+    return start
+
+
+@pytest.fixture(scope="module")
+def shared_service(shared_volumes: list[NginxVolume], start_shared_service: Callable[..., MkvService]
+                   ) -> MkvService:
+    return start_shared_service(shared_volumes, replicas=3)
+
 
 # --- 1. round trip -----------------------------------------------------------------------
 
@@ -83,7 +128,7 @@ def test_round_trip_redirects_to_a_replica_with_headers_and_files_on_every_volum
     assert r.content == b""
 
     # Following the redirect gives back the exact bytes (requests follows it itself).
-    followed = requests.get(kurl(shared_service, key), timeout=TIMEOUT)
+    followed = CLIENT.get(kurl(shared_service, key), timeout=TIMEOUT)
     assert followed.status_code == 200
     assert followed.content == body
     assert [x.status_code for x in followed.history] == [302]

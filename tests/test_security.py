@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import subprocess
 import time
 from collections.abc import Callable
@@ -12,7 +13,8 @@ import requests
 
 from mkv.signing import signature
 from tests.cluster import NginxVolume, free_port
-from tests.helpers import TIMEOUT, wait_for
+from tests.conftest import start_volumes
+from tests.helpers import CLIENT, TIMEOUT, get, put, wait_for
 from tests.service import FileService, MkvService
 
 TOKEN = "writers-token-0123456789"
@@ -113,3 +115,34 @@ def test_a_signed_redirect_carries_expiry_and_signature(
     assert before + 120 <= expires <= int(time.time()) + 120
     assert query["md5"] == [signature(location.path, expires, secret)]
     assert secret not in svc.output()
+
+
+def test_signed_redirects_end_to_end_unsigned_changed_and_expired_links_get_403(
+        tmp_path: Path, make_service: Callable[..., MkvService]) -> None:
+    """Volumes that sign their reads (writers: 127.0.0.1, which mkv uses) and a service
+    that signs its redirects: a client from 127.0.0.2 gets the bytes with the fresh
+    Location, and 403 for the same link unsigned, with one byte of the signature changed,
+    or once redirect-ttl has passed. mkv's own requests need no signature."""
+    secret = "end-to-end-redirect-secret"
+    vols = start_volumes(tmp_path / "vols", 3, writers=[ipaddress.ip_network("127.0.0.1/32")],
+                         secret=secret)
+    try:
+        svc = make_service(vols, extra=["--redirect-secret", secret, "--redirect-ttl", "2"])
+        assert put(svc, "/e2e/k", b"signed bytes").status_code == 201  # mkv writes unsigned
+        location = get(svc, "/e2e/k").headers["Location"]
+        assert CLIENT.get(location, timeout=TIMEOUT).content == b"signed bytes"
+        parts = urlsplit(location)
+        assert CLIENT.get(location.split("?")[0], timeout=TIMEOUT).status_code == 403
+        query = parse_qs(parts.query)
+        sig = query["md5"][0]
+        changed = sig[:5] + ("A" if sig[5] != "A" else "B") + sig[6:]
+        tampered = f"{location.split('?')[0]}?md5={changed}&expires={query['expires'][0]}"
+        assert CLIENT.get(tampered, timeout=TIMEOUT).status_code == 403
+        wait_for(lambda: time.time() > int(query["expires"][0]) + 1, 10, "the link expires")
+        assert CLIENT.get(location, timeout=TIMEOUT).status_code == 403
+        # a fresh redirect serves again; DELETE (mkv's own volume requests) works
+        assert CLIENT.get(svc.url + "/e2e/k", timeout=TIMEOUT).content == b"signed bytes"
+        assert requests.delete(svc.url + "/e2e/k", timeout=TIMEOUT).status_code == 204
+    finally:
+        for vol in vols:
+            vol.stop()
