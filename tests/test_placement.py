@@ -25,9 +25,12 @@ SMALL_VNODES = 16
 Fleet = tuple[dict[str, tuple[str, str]], dict[str, float]]  # volume -> (zone, host); weights
 
 
+ONE_OR_FOUR = st.sampled_from([1.0, 4.0])
+
+
 @st.composite
 def fleets(draw, zones=(1, 4), hosts=(1, 4), nginx=(1, 3), prefixes=True,
-           weights=st.sampled_from([1.0, 4.0])) -> Fleet:
+           weights=ONE_OR_FOUR) -> Fleet:
     """Zones of unequal size: each zone has its own number of hosts, each host its own
     number of nginx (ports), and an nginx sometimes serves two disks (prefixes)."""
     domains: dict[str, tuple[str, str]] = {}
@@ -189,7 +192,7 @@ def copies(ring: Ring, r: int) -> Counter:
 
 
 @SLOW
-@given(st.lists(st.sampled_from([1.0, 4.0]), min_size=3, max_size=10))
+@given(st.lists(ONE_OR_FOUR, min_size=3, max_size=10))
 def test_shares_follow_weights_of_1_and_4_side_by_side(ws):
     assume(1.0 in ws and 4.0 in ws)
     vols = [f"10.0.0.{i}:3000" for i in range(len(ws))]
@@ -243,7 +246,7 @@ def test_adding_a_volume_moves_about_its_share(fleet, data, r):
         host, added = f"new-{zone}", f"new.{zone}.example:3999"
     grown = {**domains, added: (zone, host)}
     old = Ring(domains, weights=weights, domains=domains)
-    new = Ring(grown, weights={**weights, added: data.draw(st.sampled_from([1.0, 4.0]))},
+    new = Ring(grown, weights={**weights, added: data.draw(ONE_OR_FOUR)},
                domains=grown)
     moved = taken = 0
     for k in KEYS[:5000]:
