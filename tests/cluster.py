@@ -35,10 +35,11 @@ class VolumeStartError(RuntimeError):
     """nginx exited or never answered; the message carries its stderr."""
 
 
-def free_port() -> int:
-    """A port that was free a moment ago; nginx binds with SO_REUSEADDR, so TIME_WAIT is fine."""
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port of `host` that was free a moment ago; nginx binds with SO_REUSEADDR, so
+    TIME_WAIT is fine."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
+        sock.bind((host, 0))
         return sock.getsockname()[1]
 
 
@@ -77,40 +78,46 @@ def _wait_group_gone(pgid: int, timeout: float) -> bool:
 
 
 class NginxVolume:
-    """One nginx volume in its own session, so its master and workers die as one group."""
+    """One nginx volume in its own session, so its master and workers die as one group.
 
-    def __init__(self, root: Path, port: int, proc: subprocess.Popen[bytes], log: Path):
+    `host` is the loopback address it listens on: 127.0.0.2, 127.0.0.3 ... stand for other
+    machines (Linux answers the whole 127.0.0.0/8 on the loopback interface)."""
+
+    def __init__(self, root: Path, port: int, proc: subprocess.Popen[bytes], log: Path,
+                 host: str = "127.0.0.1"):
         self.root = root
         self.port = port
         self.proc = proc
         self.log = log
+        self.host = host
 
     @property
     def address(self) -> str:
         """The volume as mkv names it: host:port."""
-        return f"127.0.0.1:{self.port}"
+        return f"{self.host}:{self.port}"
 
     @property
     def url(self) -> str:
         return f"http://{self.address}"
 
     @classmethod
-    def start(cls, root: Path, port: int | None = None) -> Self:
-        """Start nginx on root and return once it serves HTTP (or raise VolumeStartError)."""
+    def start(cls, root: Path, port: int | None = None, host: str = "127.0.0.1") -> Self:
+        """Start nginx on root, listening on host:port, and return once it serves HTTP
+        (or raise VolumeStartError)."""
         attempts = 1 if port is not None else _START_ATTEMPTS
         for attempt in range(1, attempts + 1):
-            chosen = port if port is not None else free_port()
+            chosen = port if port is not None else free_port(host)
             try:
-                return cls._start_once(Path(root).absolute(), chosen)
+                return cls._start_once(Path(root).absolute(), chosen, host)
             except VolumeStartError as exc:
                 if attempt == attempts or "Address already in use" not in str(exc):
                     raise
         raise AssertionError("unreachable")
 
     @classmethod
-    def _start_once(cls, root: Path, port: int) -> Self:
+    def _start_once(cls, root: Path, port: int, host: str) -> Self:
         workdir = root / WORKDIR_NAME
-        conf = render_volume(root, listen_address("127.0.0.1", port), workdir)
+        conf = render_volume(root, listen_address(host, port), workdir)
         log = workdir / "stderr.log"
         # A file, not a pipe: nobody reads nginx's stderr while it runs, and a full pipe would
         # block its error logging.
@@ -122,7 +129,7 @@ class NginxVolume:
                 stderr=err,
                 start_new_session=True,
             )
-        volume = cls(root, port, proc, log)
+        volume = cls(root, port, proc, log, host)
         try:
             volume._wait_ready()
         except BaseException:
@@ -200,7 +207,7 @@ class NginxVolume:
         """Start again on the same root and port, e.g. after kill() in a failure test."""
         if self.running:
             self.stop()
-        fresh = type(self).start(self.root, self.port)
+        fresh = type(self).start(self.root, self.port, self.host)
         self.proc, self.log = fresh.proc, fresh.log
 
     def __enter__(self) -> Self:
