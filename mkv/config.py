@@ -26,12 +26,13 @@ from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 import configargparse
 
+from mkv import fleet
 from mkv.auth import TokenFileError, read_tokens
-from mkv.ring import BadVolume, Ring, failure_domain, parse_volume
+from mkv.fleet import public_url as public_url  # where it was first: config.public_url
+from mkv.ring import BadDomains, BadVolume, Ring, failure_domain, parse_volume
 
 #: Longest path a unix socket may have on Linux (sun_path is 108 bytes with the NUL).
 MAX_SOCKET_PATH = 107
@@ -120,14 +121,23 @@ class Config:
     redirect_ttl: int = 600
     api_tokens_file: str = ""
     auth_reads: bool = False
+    #: (volume, weight), from `volumes` entries "addr;weight=W" (the others weigh 1)
+    weights: tuple[tuple[str, float], ...] = ()
+    #: (volume, zone, host) of every volume once any entry names a weight, zone or host;
+    #: empty: every host:port is a host of its own (docs/design.md, "Placement")
+    domains: tuple[tuple[str, str, str], ...] = ()
 
     def __post_init__(self) -> None:
         if not self.writer_socket:
             object.__setattr__(self, "writer_socket", default_writer_socket(self.db))
 
     def ring(self) -> Ring:
-        """The placement ring of the configured volumes (the default vnodes unless set)."""
-        return Ring(self.volumes, **({"vnodes": self.vnodes} if self.vnodes else {}))
+        """The placement ring of the configured volumes (the default vnodes unless set),
+        their weights and domains: every process that places builds it from here."""
+        return Ring(self.volumes, **({"vnodes": self.vnodes} if self.vnodes else {}),
+                    weights=dict(self.weights),
+                    domains={v: (zone, host) for v, zone, host in self.domains}
+                    if self.domains else None)
 
 
 def default_writer_socket(db: str) -> str:
@@ -323,22 +333,6 @@ def build_parser(prog: str, description: str) -> Parser:
     return p
 
 
-def public_url(text: str) -> str:
-    """A volume's public base URL (scheme://host[:port], no path): where clients are sent,
-    while mkv keeps talking to the address before the "="; ValueError if it is not one."""
-    parts = urlsplit(text.strip())
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ValueError(f"public URL {text!r} must be http:// or https:// and a host")
-    if parts.path not in ("", "/") or parts.query or parts.fragment or "@" in parts.netloc:
-        raise ValueError(f"public URL {text!r} must be scheme://host[:port] only (the "
-                         "volume's own path prefix follows it)")
-    try:
-        parts.port  # noqa: B018 - raises on a bad port
-    except ValueError:
-        raise ValueError(f"public URL {text!r} has a bad port") from None
-    return f"{parts.scheme}://{parts.netloc}"
-
-
 #: What a redirect secret may hold: it is written into the volumes' nginx config as is.
 _SECRET = re.compile(r"[A-Za-z0-9._~+/=-]{16,256}")
 
@@ -369,20 +363,17 @@ def _security_problems(ns: configargparse.Namespace) -> list[str]:
 def validate(ns: configargparse.Namespace, *, need_volumes: bool = True) -> Config:
     """Turn parsed options into a Config, collecting every problem before failing."""
     problems: list[str] = []
-    volumes: list[str] = []
-    public: list[tuple[str, str]] = []
-    for text in _volume_list(ns.volumes or ""):
-        address, has_url, url = text.partition("=")
+    entries, bad = fleet.parse_entries(_volume_list(ns.volumes or ""))
+    problems += [f"volumes: {p}" for p in bad]
+    volumes = [e.volume for e in entries]
+    public = [(e.volume, e.url) for e in entries if e.url]
+    weights = [(e.volume, e.weight) for e in entries if e.weight is not None]
+    placed: tuple[tuple[str, str, str], ...] = ()
+    if not bad and len(set(volumes)) == len(volumes):
         try:
-            volumes.append(parse_volume(address))
-        except BadVolume as exc:
+            placed = fleet.domains(entries)
+        except BadDomains as exc:
             problems.append(f"volumes: {exc}")
-            continue
-        if has_url:
-            try:
-                public.append((volumes[-1], public_url(url)))
-            except ValueError as exc:
-                problems.append(f"volumes: {address}: {exc}")
     if len(set(volumes)) != len(volumes):
         problems.append("volumes: a volume is listed twice")
     if need_volumes and not volumes and not any(p.startswith("volumes") for p in problems):
@@ -445,7 +436,8 @@ def validate(ns: configargparse.Namespace, *, need_volumes: bool = True) -> Conf
     problems += _security_problems(ns)
     if problems:
         raise ConfigError(problems)
-    derived = {"volumes": tuple(volumes), "public_urls": tuple(public), "synchronous": synchronous,
+    derived = {"volumes": tuple(volumes), "public_urls": tuple(public), "weights": tuple(weights),
+               "domains": placed, "synchronous": synchronous,
                "log_level": ns.log_level.lower(), "log_format": log_format}
     return Config(**{f.name: derived.get(f.name, getattr(ns, f.name, None))
                      for f in dataclasses.fields(Config)})

@@ -55,7 +55,8 @@ class NotEnoughVolumes(Exception):
 
 
 def place(key: str, ring: Ring, health: HealthMap, replicas: int) -> list[str]:
-    """The R volumes a new value goes to: the ring's, skipping down ones clockwise."""
+    """The R volumes a new value goes to: the ring's rule (distinct zones, hosts, nginx)
+    over the volumes that are not down, so a down one passes its turn clockwise."""
     chosen = ring.place_avoiding(key, replicas, lambda v: usable(v, health))
     if len(chosen) < replicas:
         raise NotEnoughVolumes(f"{len(chosen)} healthy failure domains, {replicas} needed")

@@ -38,10 +38,11 @@ class VolumeStartError(RuntimeError):
     """nginx exited or never answered; the message carries its stderr."""
 
 
-def free_port() -> int:
-    """A port that was free a moment ago; nginx binds with SO_REUSEADDR, so TIME_WAIT is fine."""
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port of `host` that was free a moment ago; nginx binds with SO_REUSEADDR, so
+    TIME_WAIT is fine."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
+        sock.bind((host, 0))
         return sock.getsockname()[1]
 
 
@@ -85,12 +86,14 @@ class NginxVolume:
     By default it serves `root` (the volume host:port) and lets this host write, as `mkv
     volume --root` does. With `disks`, it serves those under their prefixes (the volumes
     host:port/NAME) and `root` only holds its work directory; `writers` and `secret` are
-    `mkv volume`'s --writers and --redirect-secret.
+    `mkv volume`'s --writers and --redirect-secret. `host` is the loopback address it
+    listens on: 127.0.0.2, 127.0.0.3 ... stand for other machines (Linux answers the whole
+    127.0.0.0/8 on the loopback interface).
     """
 
     def __init__(self, root: Path, port: int, proc: subprocess.Popen[bytes], log: Path, *,
                  disks: Sequence[Disk] = (), writers: Sequence[Network] | None = None,
-                 secret: str = ""):
+                 secret: str = "", host: str = "127.0.0.1"):
         self.root = root
         self.port = port
         self.proc = proc
@@ -98,11 +101,12 @@ class NginxVolume:
         self.disks = tuple(disks)
         self.writers = writers
         self.secret = secret
+        self.host = host
 
     @property
     def address(self) -> str:
         """The volume as mkv names it: host:port."""
-        return f"127.0.0.1:{self.port}"
+        return f"{self.host}:{self.port}"
 
     @property
     def disk_addresses(self) -> list[str]:
@@ -119,15 +123,16 @@ class NginxVolume:
 
     @classmethod
     def start(cls, root: Path, port: int | None = None, *, disks: Sequence[Disk] = (),
-              writers: Sequence[Network] | None = None, secret: str = "") -> Self:
-        """Start nginx on root (or disks) and return once it serves HTTP (or raise
-        VolumeStartError)."""
+              writers: Sequence[Network] | None = None, secret: str = "",
+              host: str = "127.0.0.1") -> Self:
+        """Start nginx on root (or disks), listening on host:port, and return once it
+        serves HTTP (or raise VolumeStartError)."""
         attempts = 1 if port is not None else _START_ATTEMPTS
         for attempt in range(1, attempts + 1):
-            chosen = port if port is not None else free_port()
+            chosen = port if port is not None else free_port(host)
             try:
                 return cls._start_once(Path(root).absolute(), chosen, tuple(disks), writers,
-                                       secret)
+                                       secret, host)
             except VolumeStartError as exc:
                 if attempt == attempts or "Address already in use" not in str(exc):
                     raise
@@ -135,9 +140,9 @@ class NginxVolume:
 
     @classmethod
     def _start_once(cls, root: Path, port: int, disks: tuple[Disk, ...],
-                    writers: Sequence[Network] | None, secret: str) -> Self:
+                    writers: Sequence[Network] | None, secret: str, host: str) -> Self:
         workdir = root / WORKDIR_NAME
-        conf = render_volume(disks or root, listen_address("127.0.0.1", port), workdir,
+        conf = render_volume(disks or root, listen_address(host, port), workdir,
                              writers=writers, secret=secret)
         log = workdir / "stderr.log"
         # A file, not a pipe: nobody reads nginx's stderr while it runs, and a full pipe would
@@ -150,7 +155,8 @@ class NginxVolume:
                 stderr=err,
                 start_new_session=True,
             )
-        volume = cls(root, port, proc, log, disks=disks, writers=writers, secret=secret)
+        volume = cls(root, port, proc, log, disks=disks, writers=writers, secret=secret,
+                     host=host)
         try:
             volume._wait_ready()
         except BaseException:
@@ -229,7 +235,7 @@ class NginxVolume:
         if self.running:
             self.stop()
         fresh = type(self).start(self.root, self.port, disks=self.disks, writers=self.writers,
-                                 secret=self.secret)
+                                 secret=self.secret, host=self.host)
         self.proc, self.log = fresh.proc, fresh.log
 
     def __enter__(self) -> Self:

@@ -106,6 +106,7 @@ class FakeStore:
         self.bodies: dict[str, bytes] = {}
         self.reader = FakeReader(self.records)
         self.writer = FakeWriter()
+        self.ring = cfg.ring()
         self.volume_health: dict[str, Health] = {v: Health.UP for v in cfg.volumes}
         self.unbalanced: set[str] = set()
         self.fail: dict[str, BaseException] = {}
@@ -634,13 +635,15 @@ def test_health_is_200_when_writes_can_be_taken(client: TestClient, fake: FakeSt
     assert doc["index"] == {"readable": True}
     assert doc["writer"] == {"up": True, "pid": 4242, "commits": 7, "committed_ops": 9,
                              "locks": 1}
+    # three volumes, three replicas: each holds a copy of every key, a third of all copies
+    placement = {"weight": 1.0, "zone": None, "share": 0.3333}
     assert doc["volumes"] == [
-        {"volume": "a:1", "up": True, "status": "up", "since": 50.0, "checked": 100.0,
-         "latency_ms": 1.5, "error": None},
-        {"volume": "b:2", "up": True, "status": "up", "since": 51.0, "checked": 101.0,
-         "latency_ms": 2.5, "error": None},
-        {"volume": "c:3", "up": True, "status": "up", "since": None, "checked": None,
-         "latency_ms": None, "error": None},
+        {"volume": "a:1", "host": "a:1", **placement, "up": True, "status": "up", "since": 50.0,
+         "checked": 100.0, "latency_ms": 1.5, "error": None},
+        {"volume": "b:2", "host": "b:2", **placement, "up": True, "status": "up", "since": 51.0,
+         "checked": 101.0, "latency_ms": 2.5, "error": None},
+        {"volume": "c:3", "host": "c:3", **placement, "up": True, "status": "up", "since": None,
+         "checked": None, "latency_ms": None, "error": None},
     ]
     assert client.simulate_head("/-/health").status_code == 200
     assert client.simulate_get("/-/health", query_string="writable").status_code == 200
@@ -664,8 +667,9 @@ def test_health_is_200_for_reads_when_a_volume_down_stops_writes(client: TestCli
     assert doc["status"] == "degraded" and doc["writer"]["up"] is True
     assert doc["readable"] is True and doc["writable"] is False
     down = [v for v in doc["volumes"] if not v["up"]]
-    assert down == [{"volume": "b:2", "up": False, "status": "down", "since": 90.0,
-                     "checked": 100.0, "latency_ms": None, "error": "timed out"}]
+    assert down == [{"volume": "b:2", "weight": 1.0, "zone": None, "host": "b:2", "share": 0.3333,
+                     "up": False, "status": "down", "since": 90.0, "checked": 100.0,
+                     "latency_ms": None, "error": "timed out"}]
     w = client.simulate_get("/-/health", query_string="writable")
     assert w.status_code == 503 and w.json == doc | {"pid": w.json["pid"]}
     assert client.simulate_head("/-/health", query_string="writable").status_code == 503

@@ -302,3 +302,71 @@ def test_replicas_count_failure_domains_not_volumes(tmp_path):
         config.validate(config.build_parser("mkv", "").parse_args(
             ["--volumes", "h:1/d1,h:1/d2", "--replicas", "2", "--db", str(tmp_path / "i.db")]))
     assert "failure domains" in str(e.value)
+
+
+# --- volumes entries: weight, zone, host (mkv.fleet; docs/design.md, "Placement") ----------
+
+
+def validated(tmp_path, volumes, replicas=2):
+    return config.validate(config.build_parser("mkv", "").parse_args(
+        ["--volumes", volumes, "--replicas", str(replicas), "--db", str(tmp_path / "i.db")]))
+
+
+def test_volume_entries_carry_weight_zone_and_host_beside_the_public_url(tmp_path):
+    cfg = validated(tmp_path, "10.0.0.5:3001=https://vol1.example.com;weight=2;zone=A,"
+                              "10.0.0.5:3002;ZONE=a;host=Rack1-n5, 10.0.0.6:3001/d1;zone=b")
+    assert cfg.volumes == ("10.0.0.5:3001", "10.0.0.5:3002", "10.0.0.6:3001/d1")
+    assert cfg.public_urls == (("10.0.0.5:3001", "https://vol1.example.com"),)
+    assert cfg.weights == (("10.0.0.5:3001", 2.0),)
+    # names are case-blind; a host defaults to the address's once any entry has an attribute
+    assert cfg.domains == (("10.0.0.5:3001", "a", "10.0.0.5"), ("10.0.0.5:3002", "a", "rack1-n5"),
+                           ("10.0.0.6:3001/d1", "b", "10.0.0.6"))
+    ring = cfg.ring()
+    assert ring.weights["10.0.0.5:3001"] == 2.0 and ring.site("10.0.0.5:3002") == ("a", "rack1-n5")
+    plain = validated(tmp_path, "10.0.0.5:3001,10.0.0.5:3002")
+    assert plain.weights == () and plain.domains == ()  # as placed before: host:port is the host
+    assert plain.ring().site("10.0.0.5:3002") == ("", "10.0.0.5:3002")
+
+
+def test_the_file_and_the_environment_take_the_same_entries(tmp_path, monkeypatch):
+    conf = tmp_path / "mkv.conf"
+    conf.write_text("volumes = a.example:1;weight=4;zone=x, b.example:2;zone=y  ; a comment\n"
+                    f"replicas = 2\ndb = {tmp_path / 'i.db'}\n")
+    cfg = load(["--config", str(conf)])
+    assert cfg.weights == (("a.example:1", 4.0),)
+    assert [z for _, z, _ in cfg.domains] == ["x", "y"]
+    monkeypatch.setenv("MKV_VOLUMES", "a.example:1;host=h,b.example:2;weight=0.5")
+    assert load(["--config", str(conf)]).weights == (("b.example:2", 0.5),)
+
+
+@pytest.mark.parametrize(("volumes", "problem"), [
+    ("a:1;weight=0,b:2", "weight '0' must be a number from 0.1 to 20"),
+    ("a:1;weight=21,b:2", "from 0.1 to 20"),
+    ("a:1;weight=nan,b:2", "from 0.1 to 20"),
+    ("a:1;weight=two,b:2", "from 0.1 to 20"),
+    ("a:1;wieght=2,b:2", "did you mean weight=?"),
+    ("a:1;rack=r1,b:2", "is not one of weight=, zone=, host="),
+    ("a:1;weight,b:2", "is not one of"),
+    ("a:1;zone=a;zone=b,b:2", "zone= is given twice"),
+    ("a:1;zone=,b:2;zone=b", "zone '' must be 1 to 63"),
+    ("a:1;host=a/b,b:2", "host 'a/b' must be 1 to 63"),
+    ("a:1;zone=x,b:2", "zone= is given for some volumes but not for b:2"),
+    ("h:1/d1;host=x,h:1/d2;host=y,g:1", "h:1 is one nginx, so one host"),
+    ("h:1;zone=a,h:2;zone=b", "host 'h' is in one zone"),
+    ("a:1=ftp://x;weight=2,b:2", "must be http:// or https://"),
+    (";weight=2,b:2", "bad volume ''"),
+])
+def test_bad_entries_are_refused_with_a_line_naming_them(tmp_path, volumes, problem):
+    with pytest.raises(config.ConfigError) as e:
+        validated(tmp_path, volumes)
+    assert any(problem in line and line.startswith("volumes: ") for line in e.value.problems), \
+        e.value.problems
+
+
+def test_a_bad_entry_exits_2_from_every_command_that_places(tmp_path):
+    for module in ("mkv", "mkv.tools.rebalance", "mkv.tools.rebuild"):
+        argv = [sys.executable, "-m", module, *(["serve"] if module == "mkv" else []),
+                "--volumes", "a:1;weight=-1,b:2", "--replicas", "1", "--db", str(tmp_path / "i.db")]
+        r = subprocess.run(argv, capture_output=True, text=True, timeout=30,
+                           env={**os.environ, "MKV_CONFIG": ""})
+        assert r.returncode == 2 and "weight '-1'" in r.stderr, (module, r.stderr)

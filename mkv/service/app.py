@@ -234,7 +234,9 @@ class HealthResource:
 
     Reads need the index to answer and a volume that is not down (core.can_read); writes
     need the writer and R usable failure domains too (core.can_write). A load balancer
-    checking plain /-/health keeps sending reads to an instance whose writes fail."""
+    checking plain /-/health keeps sending reads to an instance whose writes fail.
+    Each volume also shows how placement sees it: weight, zone, host, and the share of
+    all copies the placement rule gives it (Ring.copy_shares)."""
 
     def __init__(self, cfg: Config, store: Callable[[], Store]) -> None:
         self.cfg = cfg
@@ -255,10 +257,17 @@ class HealthResource:
             rows, health = {}, {}
             index_info = {"readable": False, "error": str(exc)}
         volumes = []
+        ring = store.ring  # placement: docs/design.md, "Placement"
+        shares = ring.copy_shares(self.cfg.replicas)
         for vol in self.cfg.volumes:
             row = rows.get(vol)
+            zone, host = ring.site(vol)
             volumes.append({
                 "volume": vol,
+                "weight": ring.weights[vol],
+                "zone": zone or None,
+                "host": host,
+                "share": round(shares[vol], 4),
                 "up": health.get(vol, Health.UNKNOWN) is not Health.DOWN,
                 "status": health.get(vol, Health.UNKNOWN).value,
                 "since": row.since if row else None,

@@ -232,8 +232,10 @@ def published_config() -> Config | None:
     if not text:
         return None
     fields = json.loads(text)
-    return Config(**{**fields, "volumes": tuple(fields["volumes"]),
-                     "public_urls": tuple(tuple(pair) for pair in fields["public_urls"])})
+    # JSON has lists where the Config has tuples (volumes, public_urls, weights, domains):
+    # turned back, so the workers' Config equals (and hashes like) the master's
+    return Config(**{name: tuple(tuple(x) if isinstance(x, list) else x for x in value)
+                     if isinstance(value, list) else value for name, value in fields.items()})
 
 
 def gunicorn_settings(cfg: Config, hooks: Hooks | None = None) -> dict[str, Any]:

@@ -420,6 +420,10 @@ def dry_run(cfg: Config, out=sys.stdout) -> Counter:
     ring = cfg.ring()
     reader = Reader(schema.connect(cfg.db, synchronous=cfg.synchronous))
     plan: Counter = Counter()
+    # per volume: bytes copied onto it and bytes deleted from it (a weight or a domain
+    # changed: where the disks fill and empty)
+    onto: Counter = Counter()
+    off: Counter = Counter()
     after = ""
     while page := reader.scan(after, PAGE):
         after = page[-1].key
@@ -438,10 +442,21 @@ def dry_run(cfg: Config, out=sys.stdout) -> Counter:
             plan["copies"] += len(move.copy_to)
             plan["deletions"] += len(move.drop)
             plan["bytes"] += rec.size * len(move.copy_to)
+            for vol in move.copy_to:
+                onto[vol] += rec.size
+            for vol in move.drop:
+                off[vol] += rec.size
     print(f"mkv-rebalance: dry run: {plan['keys']} keys, {plan['keys_to_move']} to move, "
-          f"{plan['copies']} copies ({plan['bytes'] / 1e6:.1f} MB), {plan['deletions']} deletions, "
+          f"{plan['copies']} copies ({_size(plan['bytes'])}), {plan['deletions']} deletions, "
           f"{plan['pending_deletes']} pending deletes; nothing changed", file=out)
+    for vol in sorted(onto.keys() | off.keys()):
+        print(f"  {vol}: {_size(onto[vol])} to copy onto it, {_size(off[vol])} to delete",
+              file=out)
     return plan
+
+
+def _size(n: int) -> str:
+    return f"{n} bytes, {n / 1e6:.1f} MB"
 
 
 def stop_on_signals(rebalancer: Rebalancer) -> dict[str, int]:
