@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import io
 import json
 import time
 import wsgiref.validate
@@ -21,6 +22,7 @@ from urllib.parse import quote
 import apsw
 import pytest
 from falcon.testing import Result, TestClient
+from gunicorn.http.errors import InvalidChunkSize
 from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -32,10 +34,12 @@ from mkv.service.app import KEY_METHODS, create_app
 from mkv.service.store import (
     BadDigest,
     ClientGone,
+    EmptyValue,
     InFlight,
     KeyExists,
     KeyMissing,
     Protected,
+    TooLarge,
     Unavailable,
     VolumeFailed,
 )
@@ -116,10 +120,19 @@ class FakeStore:
         if op in self.fail:
             raise self.fail[op]
 
-    def put(self, key: str, length: int, read: Callable[[int], bytes], content_md5: str | None
-            ) -> Record:
+    def put(self, key: str, length: int | None, read: Callable[[int], bytes],
+            content_md5: str | None) -> Record:
         self._enter("put", key, length, content_md5)
         parts, got = [], 0
+        if length is None:  # chunked, as Store does: to its end, held to the limit
+            while chunk := read(1 << 20):
+                parts.append(chunk)
+                got += len(chunk)
+                if got > self.cfg.max_value_bytes:
+                    raise TooLarge(f"more than the limit of {self.cfg.max_value_bytes} bytes")
+            if not got:
+                raise EmptyValue("empty value")
+            length = got
         while got < length:  # as Store does: read to the announced length, or the client is gone
             chunk = read(length - got)
             if not chunk:
@@ -289,11 +302,55 @@ def test_put_of_an_unlinked_key_is_201(client: TestClient, fake: FakeStore) -> N
     assert fake.bodies["/k"] == b"second"
 
 
-def test_put_without_a_content_length_is_411(client: TestClient, fake: FakeStore) -> None:
+def chunked_put(client: TestClient, path: str, stream: object,
+                headers: dict[str, str] | None = None) -> Result:
+    """A PUT whose body is chunked: no CONTENT_LENGTH, the server's decoded stream as
+    wsgi.input (read to its end)."""
+    return client.simulate_request("PUT", path, headers={"Transfer-Encoding": "chunked",
+                                                         **(headers or {})},
+                                   extras={"wsgi.input": stream})
+
+
+def test_put_without_a_content_length_or_a_chunked_body_is_411(client: TestClient,
+                                                              fake: FakeStore) -> None:
     assert_error(client.simulate_put("/k"), 411, "length_required")  # no body, no length
-    chunked = client.simulate_put("/k", body=b"abc", headers={"Transfer-Encoding": "chunked"})
-    assert_error(chunked, 411, "length_required")
+    gzipped = chunked_put(client, "/k", io.BytesIO(b"abc"), {"Transfer-Encoding": "gzip, chunked"})
+    assert_error(gzipped, 411, "length_required")
     assert fake.writes() == []
+
+
+def test_a_chunked_put_reaches_the_store_without_a_length(client: TestClient,
+                                                          fake: FakeStore) -> None:
+    r = chunked_put(client, "/k", io.BytesIO(b"abc" * 1000))
+    assert r.status_code == 201, r.content
+    assert fake.writes() == [("put", "/k", None, None)]
+    assert fake.bodies["/k"] == b"abc" * 1000
+
+
+def test_an_empty_chunked_put_is_411(client: TestClient, fake: FakeStore) -> None:
+    assert_error(chunked_put(client, "/k", io.BytesIO(b"")), 411, "length_required")
+    assert "/k" not in fake.records
+
+
+def test_a_chunked_put_over_max_value_bytes_is_413(tmp_path: Path) -> None:
+    cfg = config(tmp_path, max_value_bytes=10)
+    fake = FakeStore(cfg)
+    client = client_for(cfg, fake)
+    assert_error(chunked_put(client, "/big", io.BytesIO(b"x" * 11)), 413, "too_large")
+    assert "/big" not in fake.records
+    assert chunked_put(client, "/big", io.BytesIO(b"x" * 10)).status_code == 201
+
+
+class BadChunks(io.RawIOBase):
+    """gunicorn's decoded body stream meeting a malformed chunk size line."""
+
+    def read(self, n: int = -1) -> bytes:
+        raise InvalidChunkSize(b"zz")
+
+
+def test_a_malformed_chunked_body_is_400(client: TestClient, fake: FakeStore) -> None:
+    assert_error(chunked_put(client, "/k", BadChunks()), 400, "incomplete_body")
+    assert "/k" not in fake.records
 
 
 def test_put_of_an_empty_body_is_411(client: TestClient, fake: FakeStore) -> None:
