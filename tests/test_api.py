@@ -585,6 +585,36 @@ def test_missing_key_is_404_with_json(shared_service: MkvService) -> None:
     assert requests.head(kurl(shared_service, "/missing/key"), timeout=TIMEOUT).status_code == 404
 
 
+def test_head_of_a_missing_key_is_404_with_no_length_and_no_body(
+        shared_service: MkvService) -> None:
+    """On the wire: the answer to HEAD ends with its headers (the GET pipelined behind
+    it is answered next), Content-Length 0; the GET keeps its JSON error."""
+    host = f"127.0.0.1:{shared_service.port}"
+    with socket.create_connection(("127.0.0.1", shared_service.port), timeout=TIMEOUT) as sock:
+        sock.sendall(f"HEAD /missing/head HTTP/1.1\r\nHost: {host}\r\n\r\n"
+                     f"GET /missing/head HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
+                     .encode())
+        data = b""
+        while more := sock.recv(65536):
+            data += more
+    head, rest = data.split(b"\r\n\r\n", 1)
+    head_lines = head.lower().split(b"\r\n")
+    assert head_lines[0] == b"http/1.1 404 not found"
+    assert b"content-length: 0" in head_lines
+    assert not any(line.startswith(b"content-type:") for line in head_lines)
+    assert rest.startswith(b"HTTP/1.1 404 Not Found\r\n")  # nothing between the two answers
+    get_head, get_body = rest.split(b"\r\n\r\n", 1)
+    assert b"content-type: application/json" in get_head.lower()
+    assert f"content-length: {len(get_body)}".encode() in get_head.lower()
+    assert b'"not_found"' in get_body
+
+    # a client sees the same
+    r = requests.head(kurl(shared_service, "/missing/head"), timeout=TIMEOUT)
+    assert r.status_code == 404 and r.headers["Content-Length"] == "0" and r.content == b""
+    bad = requests.head(shared_service.url + "/bad/%FF", timeout=TIMEOUT)
+    assert bad.status_code == 400 and bad.headers["Content-Length"] == "0"
+
+
 def test_fallback_redirects_missing_keys(shared_volumes: list[NginxVolume],
                                          start_shared_service: Callable[..., MkvService]) -> None:
     fallback = "127.0.0.1:9"

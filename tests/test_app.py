@@ -248,6 +248,15 @@ def assert_error(result: Result, status: int, error: str | None = None) -> dict:
     return doc
 
 
+def assert_head_error(result: Result, status: int) -> None:
+    """An error answer to HEAD: `status`, no body, Content-Length 0 (not the length of the
+    JSON error a GET gets), no Content-Type."""
+    assert result.status_code == status, (result.status, result.content)
+    assert result.content == b""
+    assert result.headers.get("Content-Length") == "0", result.headers
+    assert "Content-Type" not in result.headers, result.headers
+
+
 def blob(key: str) -> str:
     h = hashlib.sha256(key.encode()).hexdigest()
     return f"/{h[0:2]}/{h[2:4]}/{h}"
@@ -419,7 +428,7 @@ def test_store_errors_become_their_status(client: TestClient, fake: FakeStore, o
 def test_bad_keys_are_400(client: TestClient, fake: FakeStore, path: str, method: str) -> None:
     r = client.simulate_request(method, path, body=b"v" if method == "PUT" else None)
     if method == "HEAD":
-        assert r.status_code == 400 and r.content == b""
+        assert_head_error(r, 400)
     else:
         assert_error(r, 400, "bad_key")
     assert fake.calls == []
@@ -474,8 +483,7 @@ def test_a_read_skips_a_replica_on_a_down_volume(client: TestClient, fake: FakeS
 def test_get_of_a_missing_key_is_404(client: TestClient, fake: FakeStore) -> None:
     doc = assert_error(client.simulate_get("/missing"), 404, "not_found")
     assert doc["detail"] == "/missing"
-    head = client.simulate_head("/missing")
-    assert head.status_code == 404 and head.content == b""
+    assert_head_error(client.simulate_head("/missing"), 404)
 
 
 @pytest.mark.parametrize("state", [State.UNLINKED, State.DELETING])
@@ -489,7 +497,7 @@ def test_get_when_every_replica_is_down_is_503(client: TestClient, fake: FakeSto
     stored(fake, "/k")
     fake.volume_health = {v: Health.DOWN for v in VOLUMES}
     assert_error(client.simulate_get("/k"), 503, "unavailable")
-    assert client.simulate_head("/k").status_code == 503
+    assert_head_error(client.simulate_head("/k"), 503)
 
 
 def test_get_of_a_missing_key_goes_to_the_fallback(tmp_path: Path) -> None:
@@ -725,7 +733,11 @@ def test_health_is_200_for_reads_when_a_volume_down_stops_writes(client: TestCli
                      "checked": 100.0, "latency_ms": None, "error": "timed out"}]
     w = client.simulate_get("/-/health", query_string="writable")
     assert w.status_code == 503 and w.json == doc | {"pid": w.json["pid"]}
-    assert client.simulate_head("/-/health", query_string="writable").status_code == 503
+    assert_head_error(client.simulate_head("/-/health", query_string="writable"), 503)
+    # a HEAD that succeeds still announces what a GET would send
+    head = client.simulate_head("/-/health")
+    assert head.status_code == 200 and head.content == b""
+    assert head.headers["Content-Length"] == str(len(client.simulate_get("/-/health").content))
 
 
 def test_health_is_200_for_reads_when_the_writer_does_not_answer(client: TestClient,
@@ -866,7 +878,7 @@ def test_unknown_service_paths_are_404(client: TestClient, fake: FakeStore, path
                                        method: str) -> None:
     r = client.simulate_request(method, path, body=b"x" if method == "PUT" else None)
     if method == "HEAD":
-        assert r.status_code == 404
+        assert_head_error(r, 404)
     else:
         assert_error(r, 404, "not_found")
     assert fake.calls == []
@@ -926,6 +938,23 @@ def test_writes_need_a_token(tmp_path: Path, method: str) -> None:
     r = client.simulate_request(method, "/t/new" if method == "PUT" else "/t/k", body=body,
                                 headers=bearer(TOKEN))
     assert r.status_code == (201 if method == "PUT" else 204)
+
+
+def test_every_error_answer_to_head_has_no_length(tmp_path: Path) -> None:
+    """From the fast read path and from the framework alike: a bad query, a bad method
+    on /-/metrics, a missing token (which keeps its WWW-Authenticate)."""
+    client, fake = token_client(tmp_path, auth_reads=True)
+    auth = bearer(TOKEN)
+    assert_head_error(client.simulate_head("/p/", query_string="list&limit=x", headers=auth), 400)
+    assert_head_error(client.simulate_head("/p/", query_string="bogus", headers=auth), 400)
+    assert_head_error(client.simulate_head("/-/metrics", headers=auth), 405)
+    for path, query in (("/t/k", None), ("/t/", "list")):
+        r = client.simulate_head(path, query_string=query)
+        assert_head_error(r, 401)
+        assert r.headers["WWW-Authenticate"] == "Bearer"
+    assert_head_error(client.simulate_head("/t/missing", headers=auth), 404)
+    assert_head_error(client.simulate_head("/t/missing", headers=bearer("nope-nope-nope-nope")),
+                      403)
 
 
 def test_without_auth_reads_reads_stay_open(tmp_path: Path) -> None:

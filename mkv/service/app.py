@@ -380,14 +380,31 @@ class FastReads:
             log.exception("unhandled error on %s %s", method, env.get("PATH_INFO"))
             status, headers, body = falcon.HTTP_500, JSON_TYPE, error_json("internal",
                                                                            type(exc).__name__)
+        sent = body
+        if method == "HEAD":
+            # no body, and no length of one: a HEAD-based existence check must not read
+            # a 404's Content-Length as the size of a value (HeadErrors, for the rest)
+            sent, headers = b"", [h for h in headers if h[0] != "Content-Type"]
         try:
-            start_response(status, [*headers, ("Content-Length", str(len(body))),
+            start_response(status, [*headers, ("Content-Length", str(len(sent))),
                                     (context.HEADER, served.id)])
             metrics.observe(method, int(status[:3]), served.started)
         finally:
-            sent = b"" if method == "HEAD" else body
             self.requests.finish(served, status, len(sent))
         return [sent]
+
+
+class HeadErrors:
+    """Falcon middleware: an error answer to HEAD (a bad query, a /-/ path, a 503 from
+    /-/health) has no body, `Content-Length: 0` and no Content-Type, as from FastReads.
+    Falcon would otherwise announce the length of the JSON error it does not send."""
+
+    def process_response(self, req: falcon.Request, resp: falcon.Response,
+                         resource: object, req_succeeded: bool) -> None:
+        if req.method == "HEAD" and resp.status_code >= 400:
+            resp.data = resp.text = resp.media = resp.stream = None
+            resp.content_type = None
+            resp.set_header("Content-Length", "0")
 
 
 def http_error_body(resp: falcon.Response, ex: falcon.HTTPError) -> None:
@@ -410,7 +427,7 @@ def create_app(cfg: Config, store: Callable[[], Store], limiter: ListLimiter | N
     """The WSGI app. `store` is called per request and builds the worker's Store lazily;
     `limiter` is the service's shared list bucket (a bucket of the app's own if None)."""
     # no default media type: every answer with a body names its own, one without has none
-    app = falcon.App(media_type=None)
+    app = falcon.App(media_type=None, middleware=[HeadErrors()])
     app.add_route("/-/health", HealthResource(cfg, store))
     app.add_route("/-/metrics", MetricsResource(cfg, store))
     if limiter is None:
