@@ -17,9 +17,10 @@
 What it does for its caller:
 
 - **Keys are encoded once.** A key is the URL path, "/" included; the client
-  percent-encodes every byte but letters, digits, "-_~" and "/", dots included (so
-  "/a/../b" stays a key of its own), and sends that exact path: requests would decode
-  %2E back into a dot segment. A key without a leading "/" gets one.
+  percent-encodes every byte but letters, digits, "-_~" and "/", dots included, and
+  sends that exact path (requests would decode %2E and resolve dot segments: "/a/../b"
+  would quietly become "/b"; sent as it is, the service refuses it with BadRequest).
+  A key without a leading "/" gets one.
 - **Redirects.** GET and HEAD of a key answer 302 to a volume (or to the `fallback`
   service); the client follows it itself, sending its token only to the service.
 - **Retries with backoff** (`retries`, `backoff`, `max_backoff`) on 409 (a write in
