@@ -1,10 +1,11 @@
 """Peak RSS of every mkv process during one large PUT, against its idle RSS.
 
-    python -m bench.memory [--mib 1024]
+    python -m bench.memory [--mib 1024] [--chunked]
 
 Starts three nginx volumes and `mkv serve` in a temporary directory, samples
 the RSS of every process of the service (master, workers, writer, health) every
 20 ms while a value streams through, and prints idle, peak and growth per process.
+`--chunked` sends the value without a Content-Length (Transfer-Encoding: chunked).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import json
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import requests
@@ -37,6 +39,13 @@ class PatternBody:
         return out
 
 
+def pattern_chunks(size: int) -> Iterator[bytes]:
+    """The same bytes as PatternBody, as a generator: requests sends it chunked."""
+    chunk = b"\xa5" * (1 << 20)
+    for start in range(0, size, len(chunk)):
+        yield chunk[:size - start]
+
+
 def rss_kib(pid: int) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -54,7 +63,7 @@ def role(pid: int, master: int) -> str:
     return "master" if pid == master else "worker"
 
 
-def measure(mib: int, workdir: Path) -> dict:
+def measure(mib: int, workdir: Path, chunked: bool = False) -> dict:
     vols = [NginxVolume.start(workdir / f"vol{i}") for i in range(3)]
     svc = MkvService(workdir / "svc", [v.address for v in vols], workers=2)
     try:
@@ -80,7 +89,8 @@ def measure(mib: int, workdir: Path) -> dict:
         sampler = threading.Thread(target=sample)
         sampler.start()
         started = time.monotonic()
-        resp = requests.put(f"{svc.url}/big", data=PatternBody(mib << 20))
+        body = pattern_chunks(mib << 20) if chunked else PatternBody(mib << 20)
+        resp = requests.put(f"{svc.url}/big", data=body)
         elapsed = time.monotonic() - started
         done.set()
         sampler.join()
@@ -89,7 +99,8 @@ def measure(mib: int, workdir: Path) -> dict:
         rows = [{"pid": pid, "process": pids[pid],
                  "idle_mib": idle[pid] / 1024, "peak_mib": peak[pid] / 1024,
                  "growth_mib": (peak[pid] - idle[pid]) / 1024} for pid in pids]
-        return {"value_mib": mib, "seconds": elapsed, "mb_per_s": mib * 1.048576 / elapsed,
+        return {"value_mib": mib, "chunked": chunked, "seconds": elapsed,
+                "mb_per_s": mib * 1.048576 / elapsed,
                 "processes": rows, "max_growth_mib": max(r["growth_mib"] for r in rows)}
     finally:
         svc.stop()
@@ -100,13 +111,15 @@ def measure(mib: int, workdir: Path) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--mib", type=int, default=1024)
+    p.add_argument("--chunked", action="store_true", help="send without a Content-Length")
     args = p.parse_args()
     with tempfile.TemporaryDirectory(prefix="mkv-bench-mem-") as d:
-        result = measure(args.mib, Path(d))
+        result = measure(args.mib, Path(d), args.chunked)
     for row in result["processes"]:
         print(f"{row['process']:9} pid {row['pid']:>7}  idle {row['idle_mib']:7.1f} MiB  "
               f"peak {row['peak_mib']:7.1f} MiB  growth {row['growth_mib']:6.1f} MiB")
-    print(f"PUT of {args.mib} MiB in {result['seconds']:.1f} s ({result['mb_per_s']:.0f} MB/s); "
+    how = " (chunked)" if args.chunked else ""
+    print(f"PUT{how} of {args.mib} MiB in {result['seconds']:.1f} s ({result['mb_per_s']:.0f} MB/s); "
           f"largest growth {result['max_growth_mib']:.1f} MiB (limit 64)")
     print(json.dumps(result))
 

@@ -165,11 +165,12 @@ def test_put_without_a_usable_length_is_411(shared_service: MkvService,
                                             shared_volumes: list[NginxVolume]) -> None:
     assert_json_error(put(shared_service, "/len/empty", b""), 411)
 
-    def chunks() -> Iterator[bytes]:
-        yield b"abc"
-        yield b"def"
+    def no_chunks() -> Iterator[bytes]:
+        yield from ()
 
-    r = requests.put(kurl(shared_service, "/len/chunked"), data=chunks(), timeout=TIMEOUT)
+    # an empty chunked body: no value, as with Content-Length: 0 (chunked bodies with
+    # bytes in them are stored: tests/test_chunked.py)
+    r = requests.put(kurl(shared_service, "/len/chunked"), data=no_chunks(), timeout=TIMEOUT)
     assert r.request.headers.get("Transfer-Encoding") == "chunked"
     assert "Content-Length" not in r.request.headers
     assert_json_error(r, 411)
@@ -632,6 +633,36 @@ def test_missing_key_is_404_with_json(shared_service: MkvService) -> None:
     doc = assert_json_error(get(shared_service, "/missing/key"), 404)
     assert doc["error"] == "not_found"
     assert requests.head(kurl(shared_service, "/missing/key"), timeout=TIMEOUT).status_code == 404
+
+
+def test_head_of_a_missing_key_is_404_with_no_length_and_no_body(
+        shared_service: MkvService) -> None:
+    """On the wire: the answer to HEAD ends with its headers (the GET pipelined behind
+    it is answered next), Content-Length 0; the GET keeps its JSON error."""
+    host = f"127.0.0.1:{shared_service.port}"
+    with socket.create_connection(("127.0.0.1", shared_service.port), timeout=TIMEOUT) as sock:
+        sock.sendall(f"HEAD /missing/head HTTP/1.1\r\nHost: {host}\r\n\r\n"
+                     f"GET /missing/head HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
+                     .encode())
+        data = b""
+        while more := sock.recv(65536):
+            data += more
+    head, rest = data.split(b"\r\n\r\n", 1)
+    head_lines = head.lower().split(b"\r\n")
+    assert head_lines[0] == b"http/1.1 404 not found"
+    assert b"content-length: 0" in head_lines
+    assert not any(line.startswith(b"content-type:") for line in head_lines)
+    assert rest.startswith(b"HTTP/1.1 404 Not Found\r\n")  # nothing between the two answers
+    get_head, get_body = rest.split(b"\r\n\r\n", 1)
+    assert b"content-type: application/json" in get_head.lower()
+    assert f"content-length: {len(get_body)}".encode() in get_head.lower()
+    assert b'"not_found"' in get_body
+
+    # a client sees the same
+    r = requests.head(kurl(shared_service, "/missing/head"), timeout=TIMEOUT)
+    assert r.status_code == 404 and r.headers["Content-Length"] == "0" and r.content == b""
+    bad = requests.head(shared_service.url + "/bad/%FF", timeout=TIMEOUT)
+    assert bad.status_code == 400 and bad.headers["Content-Length"] == "0"
 
 
 def test_fallback_redirects_missing_keys(shared_volumes: list[NginxVolume],

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import io
 import json
 import time
 import wsgiref.validate
@@ -21,6 +22,7 @@ from urllib.parse import quote
 import apsw
 import pytest
 from falcon.testing import Result, TestClient
+from gunicorn.http.errors import InvalidChunkSize
 from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -32,10 +34,12 @@ from mkv.service.app import KEY_METHODS, create_app
 from mkv.service.store import (
     BadDigest,
     ClientGone,
+    EmptyValue,
     InFlight,
     KeyExists,
     KeyMissing,
     Protected,
+    TooLarge,
     Unavailable,
     VolumeFailed,
 )
@@ -117,10 +121,19 @@ class FakeStore:
         if op in self.fail:
             raise self.fail[op]
 
-    def put(self, key: str, length: int, read: Callable[[int], bytes], content_md5: str | None
-            ) -> Record:
+    def put(self, key: str, length: int | None, read: Callable[[int], bytes],
+            content_md5: str | None) -> Record:
         self._enter("put", key, length, content_md5)
         parts, got = [], 0
+        if length is None:  # chunked, as Store does: to its end, held to the limit
+            while chunk := read(1 << 20):
+                parts.append(chunk)
+                got += len(chunk)
+                if got > self.cfg.max_value_bytes:
+                    raise TooLarge(f"more than the limit of {self.cfg.max_value_bytes} bytes")
+            if not got:
+                raise EmptyValue("empty value")
+            length = got
         while got < length:  # as Store does: read to the announced length, or the client is gone
             chunk = read(length - got)
             if not chunk:
@@ -236,6 +249,15 @@ def assert_error(result: Result, status: int, error: str | None = None) -> dict:
     return doc
 
 
+def assert_head_error(result: Result, status: int) -> None:
+    """An error answer to HEAD: `status`, no body, Content-Length 0 (not the length of the
+    JSON error a GET gets), no Content-Type."""
+    assert result.status_code == status, (result.status, result.content)
+    assert result.content == b""
+    assert result.headers.get("Content-Length") == "0", result.headers
+    assert "Content-Type" not in result.headers, result.headers
+
+
 def blob(key: str) -> str:
     h = hashlib.sha256(key.encode()).hexdigest()
     return f"/{h[0:2]}/{h[2:4]}/{h}"
@@ -290,11 +312,55 @@ def test_put_of_an_unlinked_key_is_201(client: TestClient, fake: FakeStore) -> N
     assert fake.bodies["/k"] == b"second"
 
 
-def test_put_without_a_content_length_is_411(client: TestClient, fake: FakeStore) -> None:
+def chunked_put(client: TestClient, path: str, stream: object,
+                headers: dict[str, str] | None = None) -> Result:
+    """A PUT whose body is chunked: no CONTENT_LENGTH, the server's decoded stream as
+    wsgi.input (read to its end)."""
+    return client.simulate_request("PUT", path, headers={"Transfer-Encoding": "chunked",
+                                                         **(headers or {})},
+                                   extras={"wsgi.input": stream})
+
+
+def test_put_without_a_content_length_or_a_chunked_body_is_411(client: TestClient,
+                                                              fake: FakeStore) -> None:
     assert_error(client.simulate_put("/k"), 411, "length_required")  # no body, no length
-    chunked = client.simulate_put("/k", body=b"abc", headers={"Transfer-Encoding": "chunked"})
-    assert_error(chunked, 411, "length_required")
+    gzipped = chunked_put(client, "/k", io.BytesIO(b"abc"), {"Transfer-Encoding": "gzip, chunked"})
+    assert_error(gzipped, 411, "length_required")
     assert fake.writes() == []
+
+
+def test_a_chunked_put_reaches_the_store_without_a_length(client: TestClient,
+                                                          fake: FakeStore) -> None:
+    r = chunked_put(client, "/k", io.BytesIO(b"abc" * 1000))
+    assert r.status_code == 201, r.content
+    assert fake.writes() == [("put", "/k", None, None)]
+    assert fake.bodies["/k"] == b"abc" * 1000
+
+
+def test_an_empty_chunked_put_is_411(client: TestClient, fake: FakeStore) -> None:
+    assert_error(chunked_put(client, "/k", io.BytesIO(b"")), 411, "length_required")
+    assert "/k" not in fake.records
+
+
+def test_a_chunked_put_over_max_value_bytes_is_413(tmp_path: Path) -> None:
+    cfg = config(tmp_path, max_value_bytes=10)
+    fake = FakeStore(cfg)
+    client = client_for(cfg, fake)
+    assert_error(chunked_put(client, "/big", io.BytesIO(b"x" * 11)), 413, "too_large")
+    assert "/big" not in fake.records
+    assert chunked_put(client, "/big", io.BytesIO(b"x" * 10)).status_code == 201
+
+
+class BadChunks(io.RawIOBase):
+    """gunicorn's decoded body stream meeting a malformed chunk size line."""
+
+    def read(self, n: int = -1) -> bytes:
+        raise InvalidChunkSize(b"zz")
+
+
+def test_a_malformed_chunked_body_is_400(client: TestClient, fake: FakeStore) -> None:
+    assert_error(chunked_put(client, "/k", BadChunks()), 400, "incomplete_body")
+    assert "/k" not in fake.records
 
 
 def test_put_of_an_empty_body_is_411(client: TestClient, fake: FakeStore) -> None:
@@ -363,7 +429,7 @@ def test_store_errors_become_their_status(client: TestClient, fake: FakeStore, o
 def test_bad_keys_are_400(client: TestClient, fake: FakeStore, path: str, method: str) -> None:
     r = client.simulate_request(method, path, body=b"v" if method == "PUT" else None)
     if method == "HEAD":
-        assert r.status_code == 400 and r.content == b""
+        assert_head_error(r, 400)
     else:
         assert_error(r, 400, "bad_key")
     assert fake.calls == []
@@ -418,8 +484,7 @@ def test_a_read_skips_a_replica_on_a_down_volume(client: TestClient, fake: FakeS
 def test_get_of_a_missing_key_is_404(client: TestClient, fake: FakeStore) -> None:
     doc = assert_error(client.simulate_get("/missing"), 404, "not_found")
     assert doc["detail"] == "/missing"
-    head = client.simulate_head("/missing")
-    assert head.status_code == 404 and head.content == b""
+    assert_head_error(client.simulate_head("/missing"), 404)
 
 
 @pytest.mark.parametrize("state", [State.UNLINKED, State.DELETING])
@@ -433,7 +498,7 @@ def test_get_when_every_replica_is_down_is_503(client: TestClient, fake: FakeSto
     stored(fake, "/k")
     fake.volume_health = {v: Health.DOWN for v in VOLUMES}
     assert_error(client.simulate_get("/k"), 503, "unavailable")
-    assert client.simulate_head("/k").status_code == 503
+    assert_head_error(client.simulate_head("/k"), 503)
 
 
 def test_get_of_a_missing_key_goes_to_the_fallback(tmp_path: Path) -> None:
@@ -672,7 +737,11 @@ def test_health_is_200_for_reads_when_a_volume_down_stops_writes(client: TestCli
                      "latency_ms": None, "error": "timed out"}]
     w = client.simulate_get("/-/health", query_string="writable")
     assert w.status_code == 503 and w.json == doc | {"pid": w.json["pid"]}
-    assert client.simulate_head("/-/health", query_string="writable").status_code == 503
+    assert_head_error(client.simulate_head("/-/health", query_string="writable"), 503)
+    # a HEAD that succeeds still announces what a GET would send
+    head = client.simulate_head("/-/health")
+    assert head.status_code == 200 and head.content == b""
+    assert head.headers["Content-Length"] == str(len(client.simulate_get("/-/health").content))
 
 
 def test_health_is_200_for_reads_when_the_writer_does_not_answer(client: TestClient,
@@ -813,7 +882,7 @@ def test_unknown_service_paths_are_404(client: TestClient, fake: FakeStore, path
                                        method: str) -> None:
     r = client.simulate_request(method, path, body=b"x" if method == "PUT" else None)
     if method == "HEAD":
-        assert r.status_code == 404
+        assert_head_error(r, 404)
     else:
         assert_error(r, 404, "not_found")
     assert fake.calls == []
@@ -873,6 +942,23 @@ def test_writes_need_a_token(tmp_path: Path, method: str) -> None:
     r = client.simulate_request(method, "/t/new" if method == "PUT" else "/t/k", body=body,
                                 headers=bearer(TOKEN))
     assert r.status_code == (201 if method == "PUT" else 204)
+
+
+def test_every_error_answer_to_head_has_no_length(tmp_path: Path) -> None:
+    """From the fast read path and from the framework alike: a bad query, a bad method
+    on /-/metrics, a missing token (which keeps its WWW-Authenticate)."""
+    client, fake = token_client(tmp_path, auth_reads=True)
+    auth = bearer(TOKEN)
+    assert_head_error(client.simulate_head("/p/", query_string="list&limit=x", headers=auth), 400)
+    assert_head_error(client.simulate_head("/p/", query_string="bogus", headers=auth), 400)
+    assert_head_error(client.simulate_head("/-/metrics", headers=auth), 405)
+    for path, query in (("/t/k", None), ("/t/", "list")):
+        r = client.simulate_head(path, query_string=query)
+        assert_head_error(r, 401)
+        assert r.headers["WWW-Authenticate"] == "Bearer"
+    assert_head_error(client.simulate_head("/t/missing", headers=auth), 404)
+    assert_head_error(client.simulate_head("/t/missing", headers=bearer("nope-nope-nope-nope")),
+                      403)
 
 
 def test_without_auth_reads_reads_stay_open(tmp_path: Path) -> None:

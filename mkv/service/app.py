@@ -14,9 +14,11 @@ import math
 import os
 import time
 from collections.abc import Callable, Iterable
+from typing import Any
 
 import apsw
 import falcon
+from gunicorn.http.errors import ParseException
 
 from mkv import auth, context, core
 from mkv.config import Config
@@ -28,11 +30,13 @@ from mkv.service.ratelimit import ListLimiter
 from mkv.service.store import (
     BadDigest,
     ClientGone,
+    EmptyValue,
     InFlight,
     KeyExists,
     KeyMissing,
     Protected,
     Store,
+    TooLarge,
     Unavailable,
     VolumeFailed,
 )
@@ -85,6 +89,8 @@ ERRORS: list[tuple[type[Exception], str, str]] = [
     (BadQuery, falcon.HTTP_400, "bad_query"),
     (BadDigest, falcon.HTTP_400, "bad_digest"),
     (ClientGone, falcon.HTTP_400, "incomplete_body"),
+    (EmptyValue, falcon.HTTP_411, "length_required"),
+    (TooLarge, falcon.HTTP_413, "too_large"),
     (KeyExists, falcon.HTTP_403, "key_exists"),
     (Protected, falcon.HTTP_403, "protected"),
     (KeyMissing, falcon.HTTP_404, "not_found"),
@@ -184,22 +190,36 @@ class KeyResource:
         getattr(self, "_" + req.method.lower())(req, resp, key)
 
     def _put(self, req: falcon.Request, resp: falcon.Response, key: str) -> None:
-        if req.get_header("Transfer-Encoding") or req.content_length is None:
-            error_body(resp, falcon.HTTP_411, "length_required", "send a Content-Length")
-            return
-        length = req.content_length
-        if length == 0:
-            error_body(resp, falcon.HTTP_411, "length_required", "empty value")
-            return
-        if length > self.cfg.max_value_bytes:
-            error_body(resp, falcon.HTTP_413, "too_large",
-                       f"{length} bytes is over the limit of {self.cfg.max_value_bytes}")
-            return
+        """A body with a Content-Length, or chunked (its size counted by the Store and
+        held to `max-value-bytes` as it arrives). gunicorn refuses a request with both
+        headers before it gets here: they could frame the body two ways."""
+        encoding = req.get_header("Transfer-Encoding")
+        length: int | None
+        if encoding is not None:
+            if encoding.strip().lower() != "chunked":  # gzip, deflate: not the value's bytes
+                error_body(resp, falcon.HTTP_411, "length_required",
+                           f"Transfer-Encoding {encoding!r}: send a Content-Length or chunked")
+                return
+            length, read = None, chunked_reader(req.stream)
+        else:
+            length = req.content_length
+            if length is None:
+                error_body(resp, falcon.HTTP_411, "length_required",
+                           "send a Content-Length or a chunked body")
+                return
+            if length == 0:
+                error_body(resp, falcon.HTTP_411, "length_required", "empty value")
+                return
+            if length > self.cfg.max_value_bytes:
+                error_body(resp, falcon.HTTP_413, "too_large",
+                           f"{length} bytes is over the limit of {self.cfg.max_value_bytes}")
+                return
+            read = req.bounded_stream.read
         sock = req.env.get("gunicorn.socket")
         if sock is not None:  # a stalled client must not hold the key's lock forever
             sock.settimeout(self.cfg.client_timeout)
-        self.store().put(key, length, req.bounded_stream.read, req.get_header("Content-MD5"))
-        metrics.PUT_BYTES.inc(length)
+        record = self.store().put(key, length, read, req.get_header("Content-MD5"))
+        metrics.PUT_BYTES.inc(record.size)
         no_content(resp, falcon.HTTP_201)
 
     def _delete(self, req: falcon.Request, resp: falcon.Response, key: str) -> None:
@@ -225,6 +245,18 @@ class KeyResource:
         keys, nxt = self.store().reader.list_keys(prefix, q.start, limit, q.state)
         resp.content_type = falcon.MEDIA_JSON
         resp.text = json.dumps({"next": nxt, "keys": keys}, ensure_ascii=False)
+
+
+def chunked_reader(stream: Any) -> Callable[[int], bytes]:
+    """`read` of a chunked request body, its end (b"") only at the body's last chunk: a
+    client gone mid-body is an OSError (gunicorn's NoMoreData), and a malformed chunk,
+    which gunicorn reports with an error class of its own, is ClientGone (400)."""
+    def read(n: int) -> bytes:
+        try:
+            return stream.read(n)
+        except ParseException as exc:
+            raise ClientGone(f"bad chunked body: {type(exc).__name__}") from exc
+    return read
 
 
 class HealthResource:
@@ -357,14 +389,31 @@ class FastReads:
             log.exception("unhandled error on %s %s", method, env.get("PATH_INFO"))
             status, headers, body = falcon.HTTP_500, JSON_TYPE, error_json("internal",
                                                                            type(exc).__name__)
+        sent = body
+        if method == "HEAD":
+            # no body, and no length of one: a HEAD-based existence check must not read
+            # a 404's Content-Length as the size of a value (HeadErrors, for the rest)
+            sent, headers = b"", [h for h in headers if h[0] != "Content-Type"]
         try:
-            start_response(status, [*headers, ("Content-Length", str(len(body))),
+            start_response(status, [*headers, ("Content-Length", str(len(sent))),
                                     (context.HEADER, served.id)])
             metrics.observe(method, int(status[:3]), served.started)
         finally:
-            sent = b"" if method == "HEAD" else body
             self.requests.finish(served, status, len(sent))
         return [sent]
+
+
+class HeadErrors:
+    """Falcon middleware: an error answer to HEAD (a bad query, a /-/ path, a 503 from
+    /-/health) has no body, `Content-Length: 0` and no Content-Type, as from FastReads.
+    Falcon would otherwise announce the length of the JSON error it does not send."""
+
+    def process_response(self, req: falcon.Request, resp: falcon.Response,
+                         resource: object, req_succeeded: bool) -> None:
+        if req.method == "HEAD" and resp.status_code >= 400:
+            resp.data = resp.text = resp.media = resp.stream = None
+            resp.content_type = None
+            resp.set_header("Content-Length", "0")
 
 
 def http_error_body(resp: falcon.Response, ex: falcon.HTTPError) -> None:
@@ -387,7 +436,7 @@ def create_app(cfg: Config, store: Callable[[], Store], limiter: ListLimiter | N
     """The WSGI app. `store` is called per request and builds the worker's Store lazily;
     `limiter` is the service's shared list bucket (a bucket of the app's own if None)."""
     # no default media type: every answer with a body names its own, one without has none
-    app = falcon.App(media_type=None)
+    app = falcon.App(media_type=None, middleware=[HeadErrors()])
     app.add_route("/-/health", HealthResource(cfg, store))
     app.add_route("/-/metrics", MetricsResource(cfg, store))
     if limiter is None:

@@ -167,7 +167,7 @@ class RequestLog:
                 start_response: Callable[..., object], served: Served) -> Iterable[bytes]:
         """Hand the request to a WSGI app: its answer gets the id, its body bytes are
         counted both ways, and the access line is written when the server closes it."""
-        if env.get("CONTENT_LENGTH") and "wsgi.input" in env:
+        if (env.get("CONTENT_LENGTH") or env.get("HTTP_TRANSFER_ENCODING")) and "wsgi.input" in env:
             served.body_in = env["wsgi.input"] = CountedInput(env["wsgi.input"])
 
         def respond(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> object:

@@ -66,6 +66,15 @@ class ClientGone(StoreError):
     """The request body ended early: the client went away mid-upload."""
 
 
+class EmptyValue(StoreError):
+    """A chunked body with no byte in it: there is no empty value (411, as for
+    Content-Length: 0)."""
+
+
+class TooLarge(StoreError):
+    """A body of unknown length (chunked) went over `max-value-bytes` (413)."""
+
+
 class Unavailable(StoreError):
     """Not enough healthy volumes, or the writer is not answering."""
 
@@ -183,9 +192,24 @@ class Store:
         except core.NotEnoughVolumes as exc:
             raise Unavailable(str(exc)) from None
 
-    def put(self, key: str, length: int, read: Callable[[int], bytes], content_md5: str | None) -> Record:
-        """Stream `length` bytes from `read` to R volumes, then record them."""
+    def put(self, key: str, length: int | None, read: Callable[[int], bytes],
+            content_md5: str | None) -> Record:
+        """Stream `length` bytes from `read` to R volumes, then record them. `length`
+        None is a chunked body, read to its end: its size is counted on the way and
+        held to `max-value-bytes` (docs/design.md, "Write protocol")."""
         expect_md5 = parse_content_md5(content_md5)
+        first = b""
+        if length is None:
+            # the first chunk and one byte more, before the lock: an empty body, a body
+            # over a small limit and a body that fits in one chunk are told apart without
+            # holding anything but that chunk
+            first = self._read_upto(CHUNK + 1, read)
+            if not first:
+                raise EmptyValue("empty value")
+            if len(first) > self.cfg.max_value_bytes:
+                raise TooLarge(f"more than the limit of {self.cfg.max_value_bytes} bytes")
+            if len(first) <= CHUNK:  # the whole body: the small path, which can re-place
+                length = len(first)
         # placed before the lock, so the lock's commit records the write's intent too:
         # every copy this PUT attempts is accounted for (docs/design.md, "Write protocol")
         try:
@@ -203,11 +227,13 @@ class Store:
                 raise KeyExists(key)
             if volumes is None:
                 raise unavailable
-            if length <= CHUNK:
-                volumes, md5 = self._upload_small(key, gen, volumes, length, read, expect_md5)
+            if length is not None and length <= CHUNK:
+                body = first or self._read_all(length, read)
+                volumes, md5 = self._upload_small(key, gen, volumes, body, expect_md5)
+                size = length
             else:
-                md5 = self._upload(key, gen, volumes, length, read, expect_md5)
-            record = Record(key, State.LIVE, tuple(volumes), length, md5, time.time(), gen)
+                size, md5 = self._upload(key, gen, volumes, length, read, expect_md5, first)
+            record = Record(key, State.LIVE, tuple(volumes), size, md5, time.time(), gen)
             try:
                 # the writer queues the copies the record does not name for removal,
                 # and those of a delete this PUT replaces
@@ -231,6 +257,22 @@ class Store:
             self.writer.release(key, intent_gen)
             raise
 
+    @staticmethod
+    def _read_upto(n: int, read: Callable[[int], bytes]) -> bytes:
+        """At most `n` bytes of a body that ends cleanly (a chunked body's last chunk):
+        fewer only at its end."""
+        parts, got = [], 0
+        while got < n:
+            try:
+                chunk = read(n - got)
+            except (OSError, ValueError) as exc:
+                raise ClientGone(str(exc)) from exc
+            if not chunk:
+                break
+            parts.append(chunk)
+            got += len(chunk)
+        return b"".join(parts)
+
     def _read_all(self, length: int, read: Callable[[int], bytes]) -> bytes:
         parts, got = [], 0
         while got < length:
@@ -244,15 +286,14 @@ class Store:
             got += len(chunk)
         return b"".join(parts)
 
-    def _upload_small(self, key: str, gen: str, volumes: list[str], length: int,
-                      read: Callable[[int], bytes], expect_md5: str | None) -> tuple[list[str], str]:
+    def _upload_small(self, key: str, gen: str, volumes: list[str], body: bytes,
+                      expect_md5: str | None) -> tuple[list[str], str]:
         """A body that fits in one chunk is held, so a replica that fails can be
         replaced by the next healthy volume clockwise instead of failing the PUT."""
-        body = self._read_all(length, read)
         md5 = hashlib.md5(body, usedforsecurity=False).hexdigest() if (self.cfg.md5 or expect_md5) else ""
         if expect_md5 is not None and expect_md5 != md5:
             raise BadDigest(f"Content-MD5 {expect_md5} does not match the body's {md5}")
-        sidecar = sidecar_body(key, length, md5)
+        sidecar = sidecar_body(key, len(body), md5)
 
         both = [Request("PUT", blob_path(key, gen), body),
                 Request("PUT", sidecar_path(key, gen), sidecar)]
@@ -286,46 +327,63 @@ class Store:
         self._remove(key, gen, sorted(set(done) | {e.volume for e in failed}))
         raise VolumeFailed("; ".join(str(e) for e in failed))
 
-    def _upload(self, key: str, gen: str, volumes: list[str], length: int, read: Callable[[int], bytes],
-                expect_md5: str | None) -> str:
+    def _upload(self, key: str, gen: str, volumes: list[str], length: int | None,
+                read: Callable[[int], bytes], expect_md5: str | None, first: bytes = b""
+                ) -> tuple[int, str]:
+        """Stream the body to every volume at once; (size, md5). `length` None: a chunked
+        body (`first` is its beginning, already read), streamed chunked to the volumes
+        and cut off (TooLarge) the moment it passes `max-value-bytes`."""
         digest = hashlib.md5(usedforsecurity=False) if (self.cfg.md5 or expect_md5) else None
         path = blob_path(key, gen)
         fan = FanOut(self.pool, self.executor, volumes, path, length, gone=self._gone)
+        limit = self.cfg.max_value_bytes
         got = 0
+        cut = False  # a replica failed: the others' bodies are cut off too, never ended
         try:
-            while got < length:
-                try:
-                    chunk = read(min(CHUNK, length - got))
-                except (OSError, ValueError) as exc:
-                    raise ClientGone(str(exc)) from exc
+            while length is None or got < length:
+                if first:
+                    chunk, first = first, b""
+                else:
+                    try:
+                        chunk = read(CHUNK if length is None else min(CHUNK, length - got))
+                    except (OSError, ValueError) as exc:
+                        raise ClientGone(str(exc)) from exc
                 if not chunk:
+                    if length is None:
+                        break  # the last chunk: the body is complete
                     raise ClientGone(f"body ended after {got} of {length} bytes")
                 got += len(chunk)
+                if length is None and got > limit:
+                    # before the chunk goes anywhere; the aborted bodies are dropped
+                    raise TooLarge(f"more than the limit of {limit} bytes")
                 if digest is not None:
                     digest.update(chunk)
                 fan.send(chunk)
                 if fan.failed.is_set():
+                    cut = True
                     break
         except BaseException:
             fan.abort()
             self._remove(key, gen, volumes)
             raise
         md5 = digest.hexdigest() if digest is not None else ""
-        results = fan.finish()
+        # ending a chunked body early would make the bytes so far a blob: it is cut off
+        results = fan.abort() if cut else fan.finish()
         self._blame(results)
-        if core.put_outcome(results) is not core.PutOutcome.STORED or got != length:
+        if core.put_outcome(results) is not core.PutOutcome.STORED or (
+                length is not None and got != length):
             self._remove(key, gen, volumes)
             errors = [r for r in results if r is not None and not isinstance(r, UploadAborted)]
             raise VolumeFailed("; ".join(str(e) for e in errors) or "upload failed")
         if expect_md5 is not None and expect_md5 != md5:
             self._remove(key, gen, volumes)
             raise BadDigest(f"Content-MD5 {expect_md5} does not match the body's {md5}")
-        errors = self._small({v: [Request("PUT", sidecar_path(key, gen), sidecar_body(key, length, md5))]
+        errors = self._small({v: [Request("PUT", sidecar_path(key, gen), sidecar_body(key, got, md5))]
                               for v in volumes})
         if errors:
             self._remove(key, gen, volumes)
             raise VolumeFailed("; ".join(str(e) for e in errors))
-        return md5
+        return got, md5
 
     def _small(self, work: dict[str, list[Request]], ok: tuple[int, ...] = (200, 201, 204)
                ) -> list[VolumeError]:

@@ -298,13 +298,17 @@ class Pool:
 
     # --- streamed bodies ---
 
-    def put_stream(self, volume: str, path: str, chunks: Iterable[bytes], length: int,
+    def put_stream(self, volume: str, path: str, chunks: Iterable[bytes], length: int | None,
                    then: list[Request] | None = None,
                    give_up: Callable[[], bool] | None = None) -> None:
         """PUT a body read from `chunks`, then the small requests `then` pipelined behind
         it (a sidecar follows its blob with no round trip in between, and only once the
         whole body is sent). Whatever `chunks` raises passes through, with the connection
         closed so nginx drops the partial body; the volume's failures are VolumeErrors.
+
+        `length` None sends the body chunked (its size is known only at its end): the
+        last chunk goes out only once `chunks` has ended, so a body cut off for any
+        reason never becomes a blob.
 
         The body cannot be sent twice, so it goes on a new connection: a kept-alive one
         that nginx has closed meanwhile is only found out once the body is gone."""
@@ -326,9 +330,18 @@ class Pool:
             send(conn.request_head("PUT", path, length))
             sent = 0
             for chunk in chunks:
-                send(chunk)
+                if length is None:
+                    if not chunk:
+                        continue  # an empty chunk would end the body
+                    send(b"%x\r\n" % len(chunk))
+                    send(chunk)
+                    send(b"\r\n")
+                else:
+                    send(chunk)
                 sent += len(chunk)
-            if sent != length:
+            if length is None:
+                send(b"0\r\n\r\n")
+            elif sent != length:
                 raise ShortWrite(volume, f"PUT {path}: sent {sent} of {length} bytes")
             if then:
                 send(b"".join(conn.encode(r) for r in then))
@@ -373,11 +386,14 @@ class FanOut:
     Each replica's PUT runs in the executor (`Pool.put_stream`), pulling chunks from its
     own small queue; `send` blocks while the slowest replica is behind, so at most
     `depth` chunks per replica are ever held. Each runs in a copy of the caller's
-    context, so the client request's id goes to the volumes (mkv.context).
+    context, so the client request's id goes to the volumes (mkv.context). A `length`
+    of None streams a body of unknown size, chunked: `finish` ends it, `abort` cuts it
+    off, and nginx keeps only a body that was ended.
     """
 
     def __init__(self, pool: Pool, executor: Executor, volumes: list[str], path: str,
-                 length: int, depth: int = 4, gone: Callable[[str], bool] | None = None) -> None:
+                 length: int | None, depth: int = 4,
+                 gone: Callable[[str], bool] | None = None) -> None:
         self.volumes = volumes
         self.gone = gone
         self.length = length
@@ -393,7 +409,7 @@ class FanOut:
         while True:
             chunk = q.get()
             if chunk is _END:
-                if sent != self.length:
+                if self.length is not None and sent != self.length:
                     raise ShortWrite(vol, f"sent {sent} of {self.length} bytes")
                 return
             if chunk is _ABORT:
@@ -436,8 +452,8 @@ class FanOut:
         self._offer(_END)
         return [fut.exception() for fut in self._futures]
 
-    def abort(self) -> None:
-        """Make every upload fail now, so nginx discards the partial bodies."""
+    def abort(self) -> list[BaseException | None]:
+        """Make every upload fail now, so nginx discards the partial bodies; one entry
+        per volume, as `finish` (UploadAborted where the volume had not failed)."""
         self._offer(_ABORT)
-        for fut in self._futures:
-            fut.exception()
+        return [fut.exception() for fut in self._futures]

@@ -85,10 +85,13 @@ class Connection:
                     f"{context.sending_to(self.volume)}\r\n").encode()
         return self.request_head(req.method, req.path, len(req.body)) + req.body
 
-    def request_head(self, method: str, path: str, length: int) -> bytes:
-        """The request line and headers of a request with a body of `length` bytes."""
+    def request_head(self, method: str, path: str, length: int | None) -> bytes:
+        """The request line and headers of a request with a body of `length` bytes, or of
+        a chunked body (`length` None: its size is known only at its end, nginx takes it
+        since 1.3.9 and keeps nothing of one that is cut off before its last chunk)."""
+        framing = "Transfer-Encoding: chunked" if length is None else f"Content-Length: {length}"
         return (f"{method} {self.prefix}{path}{self.headers}{context.sending_to(self.volume)}"
-                f"Content-Length: {length}\r\n\r\n").encode()
+                f"{framing}\r\n\r\n").encode()
 
     def send(self, data: bytes) -> None:
         if self.sock is None:
