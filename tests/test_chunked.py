@@ -112,12 +112,18 @@ def send_while_reading(svc: MkvService, head: bytes, body: Iterator[bytes]) -> b
     answer = b""
     try:
         while b"\r\n\r\n" not in answer:
-            more = sock.recv(65536)
+            try:
+                more = sock.recv(65536)
+            except ConnectionResetError:  # the server closed on the unread rest of the body
+                break
             if not more:
                 break
             answer += more
     finally:
-        sock.shutdown(socket.SHUT_RDWR)
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass  # already reset by the server
         sender.join(TIMEOUT)
         sock.close()
     return answer
