@@ -274,17 +274,11 @@ class Store:
         return b"".join(parts)
 
     def _read_all(self, length: int, read: Callable[[int], bytes]) -> bytes:
-        parts, got = [], 0
-        while got < length:
-            try:
-                chunk = read(length - got)
-            except (OSError, ValueError) as exc:
-                raise ClientGone(str(exc)) from exc
-            if not chunk:
-                raise ClientGone(f"body ended after {got} of {length} bytes")
-            parts.append(chunk)
-            got += len(chunk)
-        return b"".join(parts)
+        """Exactly `length` bytes of a body, or ClientGone if it ends before."""
+        body = self._read_upto(length, read)
+        if len(body) < length:
+            raise ClientGone(f"body ended after {len(body)} of {length} bytes")
+        return body
 
     def _upload_small(self, key: str, gen: str, volumes: list[str], body: bytes,
                       expect_md5: str | None) -> tuple[list[str], str]:
