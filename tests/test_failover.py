@@ -121,6 +121,14 @@ def test_without_hops_sidecars_listings_and_writes_keep_their_404(start) -> None
     assert call(a.port, "DELETE", BLOB + nxt)[:2] == (404, None)  # mkv's own removals
 
 
+@pytest.mark.parametrize("value, location", [
+    ("[::1]:3002/d2,[fd00::5]:80", f"//[::1]:3002/d2{BLOB}?next=[fd00::5]:80"),
+    ("vol2.example.com/d-1.x", f"//vol2.example.com/d-1.x{BLOB}")])
+def test_ipv6_and_named_hosts_are_hops(start, value: str, location: str) -> None:
+    (a,) = start(1)
+    assert call(a.port, "GET", f"{BLOB}?next={value}", source=OUTSIDER)[:2] == (302, location)
+
+
 @pytest.mark.parametrize("value", [
     "evil.example@{b}", "http://evil.example", "//evil.example", "{b}/two/segments",
     "{b}/d1/", "{b}?x=1", "{b}%2F..", "{b}\\evil.example", "{b},", ",{b}", "{b},,{b}",
