@@ -11,6 +11,7 @@ import enum
 from collections.abc import Mapping, Sequence
 from urllib.parse import quote
 
+from mkv import signing
 from mkv.keys import blob_path
 from mkv.model import HealthRow, Pending, PendingOp, PendingState, Record, State
 from mkv.ring import Ring, failure_domain
@@ -77,6 +78,8 @@ class Redirect:
     volume: str | None
     #: the URI on the volume (prefix and blob path), which a signed redirect signs
     path: str = ""
+    #: the other replicas the volume fails over to, in order (docs/design.md, "Read failover")
+    hops: tuple[signing.Hop, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,15 +102,34 @@ def volume_url(volume: str, public: Mapping[str, str]) -> tuple[str, str]:
     return public.get(volume) or f"http://{hostport}", "/" + prefix if prefix else ""
 
 
+def failover_hops(base: str, others: Sequence[str], blob: str, public: Mapping[str, str]
+                  ) -> tuple[signing.Hop, ...]:
+    """The hops after a redirect to `base`: each other replica as host[:port][/prefix] and
+    its blob's URI. The volume sends the client on scheme-relative ("//hop/..."), so a
+    replica clients reach with another scheme than `base`'s is left out."""
+    scheme = base.partition("://")[0]
+    hops = []
+    for volume in others:
+        other, prefix = volume_url(volume, public)
+        other_scheme, _, netloc = other.partition("://")
+        if other_scheme == scheme:
+            hops.append((netloc + prefix, prefix + blob))
+    return tuple(hops)
+
+
 def read_target(key: str, record: Record | None, health: HealthMap, fallback: str = "",
-                spread: int = 0, public: Mapping[str, str] | None = None) -> ReadTarget:
+                spread: int = 0, public: Mapping[str, str] | None = None, *,
+                secret: str = "", now: float = 0.0, ttl: int = 0,
+                failover: bool = True) -> ReadTarget:
     """Where a GET of `key` should go.
 
     Prefer replicas in ring order, skipping down volumes; when several are up,
     `spread` (any integer, e.g. a per-request counter) rotates among them so one
     volume does not take every read of a hot key. `public` maps a volume to the base
     URL clients are sent to (docs/design.md, "Placement"); mkv itself always talks to
-    the volume's address.
+    the volume's address. With `failover`, the Location names the other usable
+    replicas, which the volume goes on to if it lacks the blob (docs/design.md, "Read
+    failover"). With `secret`, it is signed until `now` + `ttl` (mkv.signing).
     """
     if record is None or record.state is not State.LIVE:
         if fallback and record is None:
@@ -117,10 +139,21 @@ def read_target(key: str, record: Record | None, health: HealthMap, fallback: st
     candidates = up or [v for v in record.volumes if usable(v, health)]
     if not candidates:
         return Unavailable("every replica's volume is down")
-    volume = candidates[spread % len(candidates)]
-    base, prefix = volume_url(volume, public or {})
-    path = prefix + blob_path(key, record.gen)
-    return Redirect(base + path, volume, path)
+    i = spread % len(candidates)
+    volume = candidates[i]
+    public = public or {}
+    base, prefix = volume_url(volume, public)
+    blob = blob_path(key, record.gen)
+    path = prefix + blob
+    hops: tuple[signing.Hop, ...] = ()
+    if failover and len(record.volumes) > 1:
+        # the other candidates in the order the rotation would reach them, then the
+        # replicas of unknown health, which a read tries only when none is known up
+        others = candidates[i + 1:] + candidates[:i]
+        others += [v for v in record.volumes if v not in candidates and usable(v, health)]
+        hops = failover_hops(base, others, blob, public)
+    query = signing.redirect_query(path, hops, now, ttl, secret)
+    return Redirect(base + path + query, volume, path, hops)
 
 
 # --- writes ----------------------------------------------------------------------------

@@ -460,7 +460,8 @@ def test_get_and_head_redirect_to_a_replica_with_the_key_headers(client: TestCli
     record = stored(fake, "/dir/k ey", b"the value")
     r = client.simulate_request(method, "/dir/k%20ey")
     assert r.status_code == 302
-    assert r.headers["Location"] == f"http://a:1{blob('/dir/k ey')}"
+    # the other replicas, for the volume to fail over to (docs/design.md, "Read failover")
+    assert r.headers["Location"] == f"http://a:1{blob('/dir/k ey')}?next=b:2,c:3"
     assert r.headers["Content-Md5"] == record.md5 == hashlib.md5(b"the value").hexdigest()
     assert r.headers["Key-Volumes"] == "a:1,b:2,c:3"
     assert r.headers["Key-Balance"] == "balanced"
@@ -478,7 +479,8 @@ def test_a_read_skips_a_replica_on_a_down_volume(client: TestClient, fake: FakeS
     stored(fake, "/k")
     fake.volume_health["a:1"] = Health.DOWN
     r = client.simulate_get("/k")
-    assert r.status_code == 302 and r.headers["Location"] == f"http://b:2{blob('/k')}"
+    # nor is it a hop to fail over to
+    assert r.status_code == 302 and r.headers["Location"] == f"http://b:2{blob('/k')}?next=c:3"
 
 
 def test_get_of_a_missing_key_is_404(client: TestClient, fake: FakeStore) -> None:

@@ -18,6 +18,7 @@ import subprocess
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 import requests
@@ -204,7 +205,7 @@ def test_open_reads_with_ranges_and_seeks(mkv: Client, shared_volumes: list[Ngin
     with pytest.raises(ValueError):
         f.read(1)
     # the volumes saw Range requests (206 answers) for the blob the service redirected to
-    blob = mkv.stat(key).url.rsplit("/", 1)[-1]
+    blob = urlsplit(mkv.stat(key).url).path.rsplit("/", 1)[-1]  # the query names other hops
 
     def ranged() -> int:
         return sum(1 for v in shared_volumes for line in v.access_lines()

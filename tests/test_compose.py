@@ -18,7 +18,8 @@ import pytest
 import requests
 import yaml
 
-from mkv import config
+from mkv import config, core
+from mkv.model import Record, State
 from mkv.volumes import nginx as mkv_nginx
 from tests.cluster import free_port, wait_http
 from tests.helpers import TIMEOUT
@@ -178,6 +179,34 @@ def test_the_rendered_volume_lets_only_the_compose_network_write(
         assert requests.put(url + "/ab/cd/x", data=b"x", timeout=TIMEOUT).status_code == 403
         assert requests.get(url + "/", timeout=TIMEOUT).status_code == 403
         assert not (tmp_path / "data" / "ab").exists()
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def test_the_rendered_volume_fails_over_to_the_public_hosts_mkv_names(
+        compose: dict[str, Any], tmp_path: Path) -> None:
+    """A redirect mkv makes with the stack's --volumes (public URLs) names the other
+    volumes' public hosts, and the volume rendered as in the image, lacking the blob,
+    sends the client on to the next (docs/design.md, "Read failover")."""
+    entries = flag(command_args(compose["services"]["mkv"]), "--volumes").split(",")
+    public = dict(entry.split("=", 1) for entry in entries)
+    record = Record("/k", State.LIVE, tuple(public), 1, "", 0.0, "abc")
+    target = core.read_target("/k", record, {}, public=public)
+    assert isinstance(target, core.Redirect)
+    assert target.location.startswith("http://127.0.0.101/")
+    assert target.location.endswith("?next=127.0.0.102,127.0.0.103")
+    port = free_port()
+    main = render_like_the_image(compose, tmp_path, MKV_VOLUME_LISTEN=f"127.0.0.1:{port}")
+    proc = subprocess.Popen(mkv_nginx.volume_command(main, tmp_path), start_new_session=True,
+                            stderr=subprocess.DEVNULL)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_http(url + "/-/ping")
+        resp = requests.get(url + target.location.removeprefix("http://127.0.0.101"),
+                            allow_redirects=False, timeout=TIMEOUT)
+        assert resp.status_code == 302
+        assert resp.headers["Location"] == f"//127.0.0.102{target.path}?next=127.0.0.103"
     finally:
         proc.terminate()
         proc.wait(10)

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from mkv import core, keys
+from mkv import core, keys, signing
 from mkv.config import Config
 from mkv.core import Cas, Health, PendingAction
 from mkv.model import HealthRow, Pending, PendingOp, PendingState, Record, State
@@ -114,7 +114,7 @@ def test_balanced():
 
 def test_read_target_redirects_to_first_healthy_replica():
     r = rec()
-    t = core.read_target("/k", r, {})
+    t = core.read_target("/k", r, {}, failover=False)
     assert isinstance(t, core.Redirect) and t.volume == "a:1"
     assert t.location == f"http://a:1{keys.blob_path('/k')}"
     t = core.read_target("/k", r, {"a:1": Health.DOWN})
@@ -124,13 +124,53 @@ def test_read_target_redirects_to_first_healthy_replica():
 def test_read_target_sends_clients_to_a_public_url_with_the_volume_path():
     r = dataclasses.replace(rec(), volumes=("a:1/d1", "b:2"), gen="abc")
     public = {"a:1/d1": "https://vol-a.example.com", "b:2": "http://10.9.9.9:8080"}
-    t = core.read_target("/k", r, {}, public=public)
+    t = core.read_target("/k", r, {}, public=public, failover=False)
     assert t.path == "/d1" + keys.blob_path("/k", "abc")
     assert t.location == "https://vol-a.example.com" + t.path and t.volume == "a:1/d1"
     t = core.read_target("/k", r, {"a:1/d1": Health.DOWN}, public=public)
     assert t.location == "http://10.9.9.9:8080" + keys.blob_path("/k", "abc")
     # no public URL: the address mkv uses
-    assert core.read_target("/k", r, {}).location == "http://a:1/d1" + keys.blob_path("/k", "abc")
+    assert core.read_target("/k", r, {}, failover=False).location == (
+        "http://a:1/d1" + keys.blob_path("/k", "abc"))
+
+
+def test_read_target_names_the_other_replicas_for_failover():
+    """docs/design.md, "Read failover": every other usable replica, in the order the
+    rotation would reach them, then those of unknown health; never a down one."""
+    r = rec(volumes=("a:1", "b:2/d2", "c:3", "d:4"))
+    blob = keys.blob_path("/k")
+    up = {v: Health.UP for v in r.volumes}
+    t = core.read_target("/k", r, up, spread=1)
+    assert t.volume == "b:2/d2"
+    assert t.hops == (("c:3", blob), ("d:4", blob), ("a:1", blob))
+    assert t.location == f"http://b:2/d2{blob}?next=c:3,d:4,a:1"
+    mixed = {"a:1": Health.UP, "b:2/d2": Health.UNKNOWN, "c:3": Health.DOWN, "d:4": Health.UP}
+    t = core.read_target("/k", r, mixed, spread=1)
+    assert t.volume == "d:4"
+    assert t.hops == (("a:1", blob), ("b:2/d2", "/d2" + blob))
+    # one replica: nothing to fail over to, the Location is as short as before
+    one = core.read_target("/k", rec(volumes=("a:1",)), {})
+    assert one.hops == () and one.location == f"http://a:1{blob}"
+
+
+def test_failover_hops_keep_the_scheme_and_name_public_hosts():
+    """The volume sends the client on scheme-relative, so a hop is only a replica clients
+    reach with the same scheme; a public URL's host stands for its volume."""
+    r = rec(volumes=("a:1", "b:2/d2", "c:3"))
+    blob = keys.blob_path("/k")
+    public = {"a:1": "https://a.example.com", "b:2/d2": "https://b.example.com:8443"}
+    t = core.read_target("/k", r, {}, public=public)
+    assert t.hops == (("b.example.com:8443/d2", "/d2" + blob),)  # c:3 is http
+    assert t.location == f"https://a.example.com{blob}?next=b.example.com:8443/d2"
+
+
+def test_a_signed_read_target_signs_every_hop():
+    r = rec(volumes=("a:1", "b:2/d2"))
+    blob = keys.blob_path("/k")
+    t = core.read_target("/k", r, {}, secret="s3cret", now=1000.5, ttl=60)
+    tail = f"b:2/d2~{signing.signature('/d2' + blob, 1060, 's3cret')}"
+    first = signing.signature(f"{blob}?{tail}", 1060, "s3cret")
+    assert t.location == f"http://a:1{blob}?md5={first}&expires=1060&next={tail}"
 
 
 def test_read_target_spreads_over_up_replicas():

@@ -266,7 +266,8 @@ def test_every_rendered_config_passes_nginx_t(tmp_path: Path, disks: str, writer
         assert "    10.0.0.0/8 1;\n    192.168.7.0/24 1;\n    ::1/128 1;\n    fd00::/8 1;\n" in server
     else:
         assert "    127.0.0.0/8 1;\n    ::1/128 1;\n}" in server
-    assert f'secure_link_md5 "$secure_link_expires$uri {secret}";' in server
+    assert (f'secure_link_md5 "$secure_link_expires$uri$mkv_hops_127_0_0_1_3001 {secret}";'
+            in server)
     assert f'map "{secret}" $mkv_signed_127_0_0_1_3001 {{' in server
 
 
@@ -339,7 +340,7 @@ def test_two_volumes_in_one_nginx_do_not_clash(tmp_path: Path) -> None:
             writers=mkv_nginx.parse_writers("127.0.0.1"), secret=SECRET if i else ""))
         (workdir / f"volume{i}.server").write_text(texts[-1])
     variables = [set(re.findall(r"\$(mkv_\w+)", text)) for text in texts]
-    assert len(variables[0]) == 3 and not variables[0] & variables[1]
+    assert len(variables[0]) == 6 and not variables[0] & variables[1]
     main = workdir / "nginx.conf"
     main.write_text(mkv_nginx.render_main_config(
         (source / mkv_nginx.MAIN_TEMPLATE).read_text(), workdir=workdir,

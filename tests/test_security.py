@@ -113,7 +113,10 @@ def test_a_signed_redirect_carries_expiry_and_signature(
     query = parse_qs(location.query)
     expires = int(query["expires"][0])
     assert before + 120 <= expires <= int(time.time()) + 120
-    assert query["md5"] == [signature(location.path, expires, secret)]
+    # the signature covers the failover hops too (docs/design.md, "Read failover")
+    hops = location.query.partition("&next=")[2]
+    assert hops and hops == query["next"][0]
+    assert query["md5"] == [signature(f"{location.path}?{hops}", expires, secret)]
     assert secret not in svc.output()
 
 

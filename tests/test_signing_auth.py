@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from mkv.auth import Auth, TokenFileError, check, read_tokens
-from mkv.signing import signature, signed_query
+from mkv.signing import redirect_query, signature, signed_query
 
 
 def test_signature_is_nginx_secure_link_md5_of_expiry_uri_and_secret() -> None:
@@ -24,6 +24,25 @@ def test_one_changed_input_changes_the_signature() -> None:
     base = signature("/p", 100, "k")
     assert len({base, signature("/q", 100, "k"), signature("/p", 101, "k"),
                 signature("/p", 100, "K")}) == 4
+
+
+def test_redirect_query_chains_a_signature_per_hop() -> None:
+    """Each hop's signature covers its own URI, "?" and the hops after it, as the volume's
+    secure_link_md5 over `$uri?$arg_next` checks it; the last one covers its URI alone."""
+    hops = [("b:2/d2", "/d2/ab/cd/abcd.1"), ("c:3", "/ab/cd/abcd.1")]
+    q = redirect_query("/d1/ab/cd/abcd.1", hops, 1000.7, 60, "k")
+    last = f"c:3~{signature('/ab/cd/abcd.1', 1060, 'k')}"
+    middle = f"b:2/d2~{signature('/d2/ab/cd/abcd.1?' + last, 1060, 'k')}"
+    first = signature(f"/d1/ab/cd/abcd.1?{middle},{last}", 1060, "k")
+    assert q == f"?md5={first}&expires=1060&next={middle},{last}"
+    # without hops: exactly signed_query's link, which volumes without failover accept
+    assert redirect_query("/ab/cd/abcd.1", [], 1000.7, 60, "k") == signed_query(
+        "/ab/cd/abcd.1", 1000.7, 60, "k")
+
+
+def test_redirect_query_unsigned_lists_the_hops() -> None:
+    assert redirect_query("/x", [("b:2", "/x"), ("c:3/d", "/d/x")], 0, 0, "") == "?next=b:2,c:3/d"
+    assert redirect_query("/x", [], 0, 0, "") == ""
 
 
 TOKEN = "0123456789abcdef-token"

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import dataclasses
 import functools
 import hashlib
 import itertools
@@ -17,7 +16,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from mkv import context, core, signing
+from mkv import context, core
 from mkv.cleanup import finish_delete
 from mkv.config import Config
 from mkv.core import Health, Verdict
@@ -163,14 +162,14 @@ class Store:
 
     def locate(self, key: str) -> tuple[core.ReadTarget, Record | None]:
         record = self.reader.get(key)
+        # signed or not (docs/design.md, "Signed redirects"), naming the other replicas
+        # ("Read failover")
         target = core.read_target(key, record, self.health(), self.cfg.fallback,
-                                  next(self._spread), self.public)
+                                  next(self._spread), self.public,
+                                  secret=self.cfg.redirect_secret, now=time.time(),
+                                  ttl=self.cfg.redirect_ttl)
         if isinstance(target, core.Redirect) and target.volume is not None:
             context.touch(target.volume)  # the volume the client is sent to, for the access log
-            if self.cfg.redirect_secret:  # docs/design.md, "Signed redirects"
-                query = signing.signed_query(target.path, time.time(), self.cfg.redirect_ttl,
-                                             self.cfg.redirect_secret)
-                target = dataclasses.replace(target, location=target.location + query)
         return target, record
 
     @functools.lru_cache(maxsize=65536)  # noqa: B019 - one Store per worker, kept for its life
