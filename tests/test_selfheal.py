@@ -243,3 +243,48 @@ def test_scrub_usage_errors_exit_2(healing):
     svc, _ = healing
     assert scrub_cli(svc, "--limit-rate", "-1").returncode == 2
     assert scrub_cli(svc, "--concurrency", "0").returncode == 2
+
+
+def retrying(svc) -> int:  # noqa: ANN001
+    conn = apsw.Connection(svc.db, flags=apsw.SQLITE_OPEN_READONLY)
+    try:
+        return schema.read_repair_stats(conn)[1]
+    finally:
+        conn.close()
+
+
+def test_repair_resumes_when_the_only_source_comes_back(healing):
+    svc, vols = healing
+    source, victim = vols[0], vols[1]
+    source.stop()
+    wait_for(lambda: status_of(svc, source.address) == "down")
+    victim.stop()
+    for child in victim.root.iterdir():
+        shutil.rmtree(child) if child.is_dir() else child.unlink()
+    vols[1] = NginxVolume.start(victim.root, victim.port)
+    wait_for(lambda: status_of(svc, victim.address) == "replaced")
+    # the keys whose other copy is on the stopped volume cannot be mended: they stay queued
+    wait_for(lambda: retrying(svc) > 0)
+    shared = [k for k in KEYS if set(index_record(svc, k).volumes) == {source.address,
+                                                                        victim.address}]
+    assert shared and queue_len(svc) >= len(shared)
+    assert status_of(svc, victim.address) == "replaced"  # not adopted while keys wait
+    vols[0] = NginxVolume.start(source.root, source.port)
+    wait_for(lambda: queue_len(svc) == 0 and not whole(svc, vols, KEYS), deadline_s=2 * WAIT)
+    wait_for(lambda: status_of(svc, victim.address) == "up")
+
+
+def test_the_background_scrub_mends_a_deleted_copy(make_volumes, make_service):
+    vols = make_volumes(3)
+    svc = make_service(vols, replicas=2, extra=[*FAST_HEALTH, "--scrub-interval", "0.5"])
+    keys = KEYS[:10]
+    for key in keys:
+        assert put(svc, key, body_for(key)).status_code == 201
+    by_addr = {v.address: v for v in vols}
+    rec = index_record(svc, keys[4])
+    path = copy_path(by_addr[rec.volumes[1]], keys[4], rec.gen)
+    path.unlink()
+    wait_for(lambda: path.is_file())
+    assert whole(svc, vols, keys) == []
+    metrics = requests.get(svc.url + "/-/metrics", timeout=TIMEOUT).text
+    assert 'mkv_scrub_keys_total{outcome="repaired"} 1.0' in metrics
