@@ -106,8 +106,8 @@ def test_ctrl_c_to_the_whole_group_stops_cleanly_without_restarts(volumes, make_
 
 def test_writer_and_health_stop_when_the_master_is_killed(volumes, make_service):
     svc = make_service(volumes)
-    children = svc.pids("mkv.writer") + svc.pids("mkv.health")
-    assert len(children) == 2
+    children = svc.pids("mkv.writer") + svc.pids("mkv.health") + svc.pids("mkv.repair")
+    assert len(children) == 3
     os.kill(svc.proc.pid, signal.SIGKILL)
     deadline = time.monotonic() + 10
 
@@ -119,4 +119,4 @@ def test_writer_and_health_stop_when_the_master_is_killed(volumes, make_service)
 
     while any(alive(p) for p in children) and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert not any(alive(p) for p in children), "orphaned writer or health process"
+    assert not any(alive(p) for p in children), "orphaned writer, health or repair process"

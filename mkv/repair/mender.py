@@ -16,6 +16,7 @@ import hashlib
 from mkv.keys import blob_path
 from mkv.model import Record
 from mkv.tools.rebalance import CHUNK, Rebalancer
+from mkv.tools.throttle import RateLimiter
 from mkv.volumes.errors import VolumeError
 
 
@@ -33,6 +34,8 @@ class Result:
     key: str
     outcome: Outcome
     detail: str = ""
+    #: bytes copied for it
+    copied: int = 0
 
 
 LOST_PROBLEM = "no good copy on any recorded volume"
@@ -58,7 +61,7 @@ class Mender(Rebalancer):
         """One key: its outcome, from what the rebalance procedure did and reported."""
         done = self.process(key)
         with self._stats_lock:
-            made = self._made.pop(key, ())
+            made = self._made.pop(key, None)
             problem = self.stats.problems.pop(key, None)
         if done is None:
             return Result(key, Outcome.STOPPED)
@@ -66,15 +69,22 @@ class Mender(Rebalancer):
             return Result(key, Outcome.BUSY)
         if problem is not None:
             return Result(key, Outcome.LOST if problem == LOST_PROBLEM else Outcome.FAILED, problem)
-        if made:
-            return Result(key, Outcome.REPAIRED, "copied again to " + ", ".join(made))
+        if made is not None:
+            copied, targets = made
+            return Result(key, Outcome.REPAIRED, "copied again to " + ", ".join(targets), copied)
         return Result(key, Outcome.CLEAN)
 
     def _copy(self, rec: Record, sources: tuple[str, ...], targets: tuple[str, ...]) -> None:
         super()._copy(rec, sources, targets)
         with self._stats_lock:  # keys are mended at once: noted per key
-            self._made[rec.key] = self._made.get(rec.key, ()) + targets
+            copied, before = self._made.get(rec.key, (0, ()))
+            self._made[rec.key] = (copied + rec.size * len(targets), before + targets)
 
     def __init__(self, *args, **kw) -> None:  # noqa: ANN002, ANN003 - Rebalancer's
         super().__init__(*args, **kw)
-        self._made: dict[str, tuple[str, ...]] = {}
+        # a background job: a tenth of a second's worth at once (a chunk at least), not
+        # the tool's whole second, so the rate holds from the start
+        rate = self.limiter.rate
+        self.limiter = RateLimiter(rate, burst=max(rate / 10, CHUNK))
+        #: per key being mended: (bytes copied, the volumes copied to)
+        self._made: dict[str, tuple[int, tuple[str, ...]]] = {}

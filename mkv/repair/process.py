@@ -65,6 +65,7 @@ class RepairProcess:
             writer.repair_done(result.key)
             self.attempts.pop(result.key, None)
             metrics.REPAIRS.labels(result.outcome.value).inc()
+            metrics.REPAIR_BYTES.inc(result.copied)
             if result.outcome is Outcome.REPAIRED:
                 log.info("repaired %r: %s", result.key, result.detail)
         elif result.outcome in (Outcome.FAILED, Outcome.LOST):
@@ -77,10 +78,8 @@ class RepairProcess:
     def drain(self) -> int:
         """Mend the keys due now; how many were taken."""
         keys = self.reader.repair_due(time.time(), BATCH)
-        before = self.mender.stats.bytes
         for result in self.keys_pool.map(self.mender.mend, keys):
             self.settle(result)
-        metrics.REPAIR_BYTES.inc(self.mender.stats.bytes - before)
         return len(keys)
 
     def run(self) -> None:
@@ -106,12 +105,10 @@ class RepairProcess:
         """One background pass over every blob (mkv.repair.walk); its outcomes."""
         started = time.monotonic()
         counts: Counter = Counter()
-        before = self.scrubber.stats.bytes
         try:
             scrub(self.scrubber, self.reader, 2, lambda r: self._scrubbed(r, counts))
         except Exception:  # noqa: BLE001 - the next pass tries again
             log.exception("scrub failed")
-        metrics.REPAIR_BYTES.inc(self.scrubber.stats.bytes - before)
         log.info("scrub done in %.0fs: %s", time.monotonic() - started,
                  ", ".join(f"{n} {o.value}" for o, n in counts.items()) or "no keys")
         return counts
@@ -119,6 +116,7 @@ class RepairProcess:
     @staticmethod
     def _scrubbed(result: Result, counts: Counter) -> None:
         counts[result.outcome] += 1
+        metrics.REPAIR_BYTES.inc(result.copied)
         metrics.SCRUBBED.labels(result.outcome.value).inc()
         if result.outcome is not Outcome.CLEAN:
             log.warning("scrub: %r %s: %s", result.key, result.outcome.value, result.detail)
