@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections import Counter
 from pathlib import Path
 
 import apsw
@@ -121,8 +122,20 @@ def test_every_disk_gets_a_marker_that_nginx_serves_and_rebuild_ignores(healing,
         conn.close()
 
 
-def test_a_wiped_disk_is_replaced_read_around_and_repaired(healing):
-    svc, vols = healing
+@pytest.fixture
+def slow_healing(make_volumes, make_service):  # noqa: ANN001, ANN201
+    """`healing` with repair at 20 kB/s: the volume's 40-odd copies (2 kB each) take
+    seconds, so the replaced state lasts long enough to be seen through /-/health."""
+    vols = make_volumes(3)
+    svc = make_service(vols, replicas=2, workers=1, extra=[*FAST_HEALTH, "--repair-rate", "20000"])
+    for key in KEYS:
+        assert put(svc, key, body_for(key)).status_code == 201
+    wait_for(lambda: all((v.root / identity.MARKER).is_file() for v in vols))
+    return svc, vols
+
+
+def test_a_wiped_disk_is_replaced_read_around_and_repaired(slow_healing):
+    svc, vols = slow_healing
     victim = vols[1]
     failures: list[tuple[float, str, int]] = []
     done = threading.Event()
@@ -163,8 +176,9 @@ def test_a_wiped_disk_is_replaced_read_around_and_repaired(healing):
         done.set()
         thread.join()
     late = [f for f in failures if f[0] > seen_replaced]
-    print(f"{gets[0]} GETs, {len(failures) - len(late)} failed before the volume was found "
-          "replaced (closed by failover in nginx), "
+    early = Counter("refused" if f[2] == -1 else f[2] for f in failures if f[0] <= seen_replaced)
+    print(f"{gets[0]} GETs, {sum(early.values())} failed before the volume was found replaced "
+          f"({dict(early)}: the volume stopped, then empty; failover in nginx closes this), "
           f"{len(late)} after")
     assert gets[0] > 0
     assert late == []

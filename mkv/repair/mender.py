@@ -82,9 +82,9 @@ class Mender(Rebalancer):
 
     def __init__(self, *args, **kw) -> None:  # noqa: ANN002, ANN003 - Rebalancer's
         super().__init__(*args, **kw)
-        # a background job: a tenth of a second's worth at once (a chunk at least), not
-        # the tool's whole second, so the rate holds from the start
+        # a background job: a tenth of a second's worth at once, not the tool's whole
+        # second (or MiB), so the rate holds from the start even when it is low
         rate = self.limiter.rate
-        self.limiter = RateLimiter(rate, burst=max(rate / 10, CHUNK))
+        self.limiter = RateLimiter(rate, burst=rate / 10)
         #: per key being mended: (bytes copied, the volumes copied to)
         self._made: dict[str, tuple[int, tuple[str, ...]]] = {}

@@ -27,6 +27,7 @@ from mkv.index import schema
 from mkv.index.reader import Reader
 from mkv.repair.mender import Mender, Outcome, Result
 from mkv.repair.walk import scrub
+from mkv.tools.rebalance import KeyProblem
 from mkv.writer.lockfile import writer_running
 from mkv.writer.server import serve_in_thread
 
@@ -35,8 +36,6 @@ class ReportOnly(Mender):
     """--no-repair: check and report; a bad copy is neither copied nor touched."""
 
     def _copy(self, rec, sources, targets) -> None:  # noqa: ANN001 - Mender's
-        from mkv.tools.rebalance import KeyProblem
-
         raise KeyProblem(f"bad copy on {', '.join(targets)} (not repaired: --no-repair)")
 
 
