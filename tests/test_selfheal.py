@@ -21,6 +21,7 @@ import requests
 from mkv import identity
 from mkv.index import schema
 from mkv.tools import scan
+from mkv.writer.client import WriterClient
 from tests.cluster import NginxVolume
 from tests.helpers import (
     CLIENT,
@@ -302,3 +303,38 @@ def test_the_background_scrub_mends_a_deleted_copy(make_volumes, make_service):
     assert whole(svc, vols, keys) == []
     metrics = requests.get(svc.url + "/-/metrics", timeout=TIMEOUT).text
     assert 'mkv_scrub_keys_total{outcome="repaired"} 1.0' in metrics
+
+
+def test_another_disks_marker_makes_the_volume_replaced_until_its_keys_check_out(slow_healing):
+    """A disk with another id (swapped in from elsewhere, here with the right blobs):
+    replaced, every key checked, none copied (all clean), then its id adopted."""
+    svc, vols = slow_healing
+    vol = vols[2]
+    # a client write holding one of its keys keeps the volume replaced until it ends
+    held = next(k for k in KEYS if vol.address in index_record(svc, k).volumes)
+    writer = WriterClient(svc.db + ".writer.sock", timeout=10)
+    writer.lock(held)
+    marker = vol.root / identity.MARKER
+    old = identity.parse_marker(marker.read_bytes())
+    marker.unlink()
+    marker.write_bytes(identity.marker_body("another-disk"))
+    try:
+        wait_for(lambda: status_of(svc, vol.address) == "replaced")
+        wait_for(lambda: queue_len(svc) == 1)  # the others checked out already
+        assert status_of(svc, vol.address) == "replaced"
+    finally:
+        writer.release(held)
+        writer.close()
+    wait_for(lambda: status_of(svc, vol.address) == "up")
+    conn = apsw.Connection(svc.db, flags=apsw.SQLITE_OPEN_READONLY)
+    try:
+        assert schema.read_volume_ids(conn)[vol.address] == ("another-disk", "")
+    finally:
+        conn.close()
+    assert old != "another-disk" and marker.read_bytes() == identity.marker_body("another-disk")
+    metrics = requests.get(svc.url + "/-/metrics", timeout=TIMEOUT).text
+    assert 'mkv_repairs_total{outcome="repaired"} 0.0' in metrics
+    clean = [line for line in metrics.splitlines()
+             if line.startswith('mkv_repairs_total{outcome="clean"}')]
+    assert clean and float(clean[0].split()[-1]) >= 1
+    assert whole(svc, vols, KEYS) == []

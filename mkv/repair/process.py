@@ -31,6 +31,8 @@ BATCH = 100
 CONCURRENCY = 4
 #: seconds before a failed key is tried again: doubled per attempt, up to the cap
 RETRY_FIRST, RETRY_CAP = 2.0, 300.0
+#: seconds before a key a client write held is tried again
+BUSY_AGAIN = 1.0
 
 
 def retry_after(attempts: int) -> float:
@@ -68,6 +70,8 @@ class RepairProcess:
             metrics.REPAIR_BYTES.inc(result.copied)
             if result.outcome is Outcome.REPAIRED:
                 log.info("repaired %r: %s", result.key, result.detail)
+        elif result.outcome is Outcome.BUSY:  # a client write holds it: again in a moment
+            writer.repair_failed(result.key, "in use by a client write", BUSY_AGAIN)
         elif result.outcome in (Outcome.FAILED, Outcome.LOST):
             n = self.attempts.get(result.key, 0)
             self.attempts[result.key] = n + 1
