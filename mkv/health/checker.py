@@ -43,6 +43,12 @@ from mkv.writer.protocol import KeyLocked, WriterError
 log = logging.getLogger("mkv.health")
 
 CLEANUP_BATCH = 200
+#: seconds before a marker a volume refused is written again
+MARKER_RETRY = 60.0
+
+
+class MarkerPutOff(VolumeError):
+    """The marker's write is put off: the volume refused it a moment ago."""
 
 
 class HealthChecker:
@@ -70,6 +76,8 @@ class HealthChecker:
         self.replaced: set[str] = {v for v, row in prior.items() if row.replaced}
         #: the marker each volume's last probe found (None: none there)
         self.markers: dict[str, str | None] = {}
+        #: when a volume that refused its marker is asked again (monotonic)
+        self.marker_retry: dict[str, float] = {}
         self.stopping = False
         self.sock_path = health_socket_path(db)
         self.sock = self._listen(self.sock_path)
@@ -139,11 +147,16 @@ class HealthChecker:
                 self.replaced.discard(vol)  # found replaced again next round, queued then
 
     def _write_marker(self, volume: str) -> str:
-        """Give a volume without a marker a new id (mkv is one of its writers)."""
+        """Give a volume without a marker a new id (mkv is one of its writers). After a
+        failed try, the next waits a while: a volume that refuses writes is not asked
+        (and logged) every round."""
+        if time.monotonic() < self.marker_retry.get(volume, 0.0):
+            raise MarkerPutOff(volume, "marker write failed a moment ago")
         vid = ident.new_id()
         error = self.pool.exchange({volume: [Request("PUT", ident.MARKER_PATH,
                                                      ident.marker_body(vid))]}).get(volume)
         if error is not None:
+            self.marker_retry[volume] = time.monotonic() + MARKER_RETRY
             raise error
         return vid
 
@@ -177,6 +190,8 @@ class HealthChecker:
                     self.writer.volume_id(vol, found)
                     self.replaced.discard(vol)
                     log.info("volume %s is repaired: its disk's id %s is adopted", vol, found)
+            except MarkerPutOff:
+                pass
             except VolumeError as exc:
                 log.warning("volume %s: cannot write its marker: %s", vol, exc.detail)
         return newly
