@@ -37,6 +37,26 @@ def volume_parser() -> config_mod.Parser:
     return parser
 
 
+def mark_disks(args: argparse.Namespace) -> str | None:
+    """Give every disk root its identity marker before nginx serves it (mkv.identity;
+    docs/design.md, "Self-healing"): an existing marker is kept as it is. Bad disk
+    arguments are left for nginx.volume_main to report. A problem's text, or None."""
+    from mkv import identity
+    from mkv.volumes import nginx
+
+    try:
+        disks = nginx.disks_of(args)
+    except nginx.VolumeConfigError:
+        return None
+    for disk in disks:
+        try:
+            disk.root.mkdir(parents=True, exist_ok=True)
+            identity.ensure_marker(disk.root)
+        except (OSError, identity.BadMarker) as exc:
+            return f"cannot mark {disk.root} with its volume id: {exc}"
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
@@ -63,6 +83,10 @@ def main(argv: list[str] | None = None) -> int:
         parser = volume_parser()
         args = config_mod.parse(parser, rest)
         config_mod.exit_on(parser.problems, "mkv volume")
+        problem = mark_disks(args)
+        if problem:
+            print(f"mkv volume: error: {problem}", file=sys.stderr)
+            return 2
         return nginx.volume_main(args)
     if command == "backup":
         from mkv.tools import backup

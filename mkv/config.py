@@ -48,12 +48,13 @@ ENV_PREFIX = "MKV_"
 #: the commands that have them. Every command accepts the whole shared file and ignores
 #: the keys of the others; tests/test_config.py holds this table to the commands' parsers.
 COMMAND_KEYS: Mapping[str, tuple[str, ...]] = {
-    "concurrency": ("mkv-rebuild", "mkv-rebalance"),
-    "quiet": ("mkv-rebuild", "mkv-rebalance", "mkv backup"),
+    "concurrency": ("mkv-rebuild", "mkv-rebalance", "mkv-scrub"),
+    "quiet": ("mkv-rebuild", "mkv-rebalance", "mkv backup", "mkv-scrub"),
     "force": ("mkv-rebuild", "mkv backup"),
     "step-pages": ("mkv backup",),
     "dry-run": ("mkv-rebalance",),
-    "limit-rate": ("mkv-rebalance",),
+    "limit-rate": ("mkv-rebalance", "mkv-scrub"),
+    "no-repair": ("mkv-scrub",),
     "verify": ("mkv-rebalance",),
     "volume-root": ("mkv volume",),
     "volume-port": ("mkv volume",),
@@ -115,6 +116,10 @@ class Config:
     max_list_limit: int = 10_000
     list_rate: float = 100.0
     list_burst: int = 200
+    #: bytes per second the repair process copies (0: no limit): docs/design.md, "Self-healing"
+    repair_rate: float = 20e6
+    #: seconds between the background scrubs of every blob (0: none)
+    scrub_interval: float = 0.0
     #: (volume, base URL clients are redirected to), from `volumes` entries "addr=URL"
     public_urls: tuple[tuple[str, str], ...] = ()
     redirect_secret: str = ""
@@ -322,6 +327,11 @@ def build_parser(prog: str, description: str) -> Parser:
                    help="?list and ?unlinked requests per second, for the whole service (0: no limit)")
     p.add_argument("--list-burst", type=int, default=d.list_burst,
                    help="list requests allowed at once above list-rate")
+    p.add_argument("--repair-rate", type=float, default=d.repair_rate,
+                   help="bytes per second the background repair (and scrub) copies and reads, "
+                        "0: no limit")
+    p.add_argument("--scrub-interval", type=float, default=d.scrub_interval,
+                   help="seconds between background scrubs of every blob (0: no background scrub)")
     p.add_argument("--redirect-secret", default=d.redirect_secret,
                    help="sign redirects with this secret (the volumes check it); empty: unsigned")
     p.add_argument("--redirect-ttl", type=int, default=d.redirect_ttl,
@@ -417,6 +427,10 @@ def validate(ns: configargparse.Namespace, *, need_volumes: bool = True) -> Conf
         problems.append("list-rate: must not be negative (0 turns the limit off)")
     if ns.list_burst < 1:
         problems.append("list-burst: must be at least 1")
+    if ns.repair_rate < 0:
+        problems.append("repair-rate: must not be negative (0 turns the limit off)")
+    if ns.scrub_interval < 0:
+        problems.append("scrub-interval: must not be negative (0 turns the scrub off)")
     db_dir = Path(ns.db).resolve().parent
     if not db_dir.is_dir():
         problems.append(f"db: directory {db_dir} does not exist")

@@ -22,6 +22,9 @@ class Health(enum.Enum):
     UP = "up"
     DOWN = "down"
     UNKNOWN = "unknown"  # no fresh status: treated as usable, never as down
+    #: answers, but its disk is not the one the index knows: writes may go there, reads
+    #: never (docs/design.md, "Self-healing")
+    REPLACED = "replaced"
 
 
 HealthMap = Mapping[str, Health]
@@ -34,7 +37,8 @@ def health_status(rows: Mapping[str, HealthRow], now: float, stale_after: float)
         if now - row.checked > stale_after:
             out[vol] = Health.UNKNOWN
         else:
-            out[vol] = Health.UP if row.up else Health.DOWN
+            out[vol] = (Health.DOWN if not row.up else Health.REPLACED if row.replaced
+                        else Health.UP)
     return out
 
 
@@ -45,7 +49,13 @@ def stale_after(interval: float, timeout: float) -> float:
 
 
 def usable(volume: str, health: HealthMap) -> bool:
+    """May a write go there (a replaced volume takes writes: docs/design.md, "Self-healing")."""
     return health.get(volume, Health.UNKNOWN) is not Health.DOWN
+
+
+def readable(volume: str, health: HealthMap) -> bool:
+    """May a read be sent there: not down, and not a replaced disk that lacks the blobs."""
+    return health.get(volume, Health.UNKNOWN) not in (Health.DOWN, Health.REPLACED)
 
 
 # --- placement -------------------------------------------------------------------------
@@ -136,7 +146,7 @@ def read_target(key: str, record: Record | None, health: HealthMap, fallback: st
             return Redirect(f"http://{fallback}{quote(key, safe='/')}", None)
         return NotFound()
     up = [v for v in record.volumes if health.get(v, Health.UNKNOWN) is Health.UP]
-    candidates = up or [v for v in record.volumes if usable(v, health)]
+    candidates = up or [v for v in record.volumes if readable(v, health)]
     if not candidates:
         return Unavailable("every replica's volume is down")
     i = spread % len(candidates)

@@ -42,6 +42,8 @@ class HealthRow:
     since: float
     latency_ms: float | None
     error: str | None
+    #: its disk is not the one the index knows (docs/design.md, "Self-healing")
+    replaced: bool = False
 
 
 class PendingOp(enum.IntEnum):

@@ -63,6 +63,7 @@ class FakeReader:
         self.rows: dict[str, HealthRow] = {}
         self.stats: dict[State, tuple[int, int]] = {s: (0, 0) for s in State}
         self.pending: dict[tuple[PendingOp, PendingState], int] = {}
+        self.repairs = (0, 0)  # (queued, retrying)
         self.error: Exception | None = None  # raised by health(): an unreadable index
         self.calls: list[tuple] = []
 
@@ -86,6 +87,9 @@ class FakeReader:
 
     def pending_stats(self) -> dict[tuple[PendingOp, PendingState], int]:
         return dict(self.pending)
+
+    def repair_stats(self) -> tuple[int, int]:
+        return self.repairs
 
 
 class FakeWriter:
@@ -746,6 +750,15 @@ def test_health_is_200_for_reads_when_a_volume_down_stops_writes(client: TestCli
     assert head.headers["Content-Length"] == str(len(client.simulate_get("/-/health").content))
 
 
+def test_health_shows_a_replaced_volume_as_up_and_writable(client: TestClient,
+                                                          fake: FakeStore) -> None:
+    fake.volume_health["a:1"] = Health.REPLACED
+    r = client.simulate_get("/-/health")
+    assert r.status_code == 200 and r.json["writable"] is True
+    assert [(v["volume"], v["up"], v["status"]) for v in r.json["volumes"]][0] == (
+        "a:1", True, "replaced")
+
+
 def test_health_is_200_for_reads_when_the_writer_does_not_answer(client: TestClient,
                                                                  fake: FakeStore) -> None:
     fake.writer.error = WriterUnavailable("no writer on the socket")
@@ -817,24 +830,29 @@ def test_metrics_are_text_and_count_answers(client: TestClient, fake: FakeStore,
 def test_metrics_say_what_the_index_counts(client: TestClient, fake: FakeStore,
                                            no_shared_metrics: None) -> None:
     now = time.time()
-    fake.reader.rows = {"a:1": HealthRow("a:1", True, now, 50.0, 1.5, None),
+    fake.reader.rows = {"a:1": HealthRow("a:1", True, now, 50.0, 1.5, None, replaced=True),
                         "b:2": HealthRow("b:2", False, now, 51.0, 250.0, "timed out"),
                         "c:3": HealthRow("c:3", True, now - 3600, 51.0, 2.0, None)}  # stale
     fake.reader.stats = {State.LIVE: (3, 300), State.UNLINKED: (1, 7), State.DELETING: (2, 9)}
     fake.reader.pending = {(PendingOp.REMOVE, PendingState.DUE): 4,
                            (PendingOp.MARK_UNLINKED, PendingState.INTENT): 0}
+    fake.reader.repairs = (5, 2)
     r = client.simulate_get("/-/metrics")
     assert r.status_code == 200
     got = {(s.name, tuple(sorted(s.labels.items()))): s.value
            for f in text_string_to_metric_families(r.text) for s in f.samples
-           if s.name.startswith(("mkv_volume_", "mkv_stored_", "mkv_pending_"))
+           if s.name.startswith(("mkv_volume_", "mkv_stored_", "mkv_pending_", "mkv_repair_queue"))
            and not s.name.startswith(("mkv_volume_requests", "mkv_volume_errors"))}
     ages = {k: v for k, v in got.items() if k[0] == "mkv_volume_health_age_seconds"}
     assert set(ages) == {("mkv_volume_health_age_seconds", (("volume", v),)) for v in VOLUMES}
     assert ages[("mkv_volume_health_age_seconds", (("volume", "c:3"),))] >= 3600
     assert {k: v for k, v in got.items() if k not in ages} == {
-        ("mkv_volume_up", (("volume", "a:1"),)): 1.0,
+        ("mkv_volume_up", (("volume", "a:1"),)): 1.0,  # replaced, and up
         ("mkv_volume_up", (("volume", "b:2"),)): 0.0,  # c:3's status is unknown: no sample
+        ("mkv_volume_replaced", (("volume", "a:1"),)): 1.0,
+        ("mkv_volume_replaced", (("volume", "b:2"),)): 0.0,
+        ("mkv_repair_queue", (("state", "waiting"),)): 3.0,
+        ("mkv_repair_queue", (("state", "retrying"),)): 2.0,
         ("mkv_volume_probe_seconds", (("volume", "a:1"),)): 0.0015,
         ("mkv_volume_probe_seconds", (("volume", "b:2"),)): 0.25,
         ("mkv_stored_keys", (("state", "live"),)): 3.0,

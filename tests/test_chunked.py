@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 import requests
 
+from mkv.identity import MARKER
 from mkv.volumes.nginx import WORKDIR_NAME
 from tests.cluster import NginxVolume
 from tests.conftest import start_volumes
@@ -79,10 +80,11 @@ def limited(clean_volumes: list[NginxVolume],
 
 
 def files_kept(volumes: list[NginxVolume]) -> list[Path]:
-    """Every file on the volumes but nginx's own runtime directory: blobs, sidecars, and
-    bodies left in the spool (.tmp)."""
+    """Every file on the volumes but nginx's own runtime directory and the disk's identity
+    marker: blobs, sidecars, and bodies left in the spool (.tmp)."""
     return [p for vol in volumes for p in vol.root.rglob("*")
-            if p.is_file() and WORKDIR_NAME not in p.relative_to(vol.root).parts]
+            if p.is_file() and WORKDIR_NAME not in p.relative_to(vol.root).parts
+            and p != vol.root / MARKER]
 
 
 def assert_nothing_left(svc: MkvService, volumes: list[NginxVolume], key: str) -> None:

@@ -14,7 +14,7 @@ import requests
 from mkv import cli, config
 from mkv.index import schema
 from mkv.model import Record, State
-from mkv.tools import backup, rebalance, rebuild
+from mkv.tools import backup, rebalance, rebuild, scrub
 from tests.cluster import free_port, wait_http
 from tests.helpers import roundtrip, rows
 
@@ -29,13 +29,13 @@ def parser_of(command):
         return cli.volume_parser()
     parser = config.build_parser(command, "")
     extend = {"mkv-rebuild": rebuild.add_arguments, "mkv-rebalance": rebalance.add_arguments,
-              "mkv backup": backup.add_arguments}
+              "mkv backup": backup.add_arguments, "mkv-scrub": scrub.add_arguments}
     if command in extend:
         extend[command](parser)
     return parser
 
 
-COMMANDS = ("mkv serve", "mkv volume", "mkv-rebuild", "mkv-rebalance", "mkv backup")
+COMMANDS = ("mkv serve", "mkv volume", "mkv-rebuild", "mkv-rebalance", "mkv backup", "mkv-scrub")
 SHARED = set(config.build_parser("mkv", "").file_keys())
 
 
@@ -195,7 +195,7 @@ def test_every_command_has_version_from_the_package_metadata():
     version = importlib.metadata.version("mkv")
     for argv, prog in ((["mkv"], "mkv"), (["mkv", "serve"], "mkv serve"),
                        (["mkv", "volume"], "mkv volume"), (["mkv.tools.rebuild"], "mkv-rebuild"),
-                       (["mkv.tools.rebalance"], "mkv-rebalance")):
+                       (["mkv.tools.rebalance"], "mkv-rebalance"), (["mkv.tools.scrub"], "mkv-scrub")):
         r = subprocess.run([sys.executable, "-m", *argv, "--version"], capture_output=True,
                            text=True, timeout=30)
         assert (r.returncode, r.stdout) == (0, f"{prog} {version}\n"), (argv, r.stderr)
@@ -370,3 +370,15 @@ def test_a_bad_entry_exits_2_from_every_command_that_places(tmp_path):
         r = subprocess.run(argv, capture_output=True, text=True, timeout=30,
                            env={**os.environ, "MKV_CONFIG": ""})
         assert r.returncode == 2 and "weight '-1'" in r.stderr, (module, r.stderr)
+
+
+def test_repair_rate_and_scrub_interval(tmp_path):
+    base = ["--volumes", "a:1,b:2,c:3", "--db", str(tmp_path / "i.db")]
+    cfg = load(base)
+    assert cfg.repair_rate == 20e6 and cfg.scrub_interval == 0
+    cfg = load([*base, "--repair-rate", "0", "--scrub-interval", "3600"])
+    assert cfg.repair_rate == 0 and cfg.scrub_interval == 3600
+    with pytest.raises(SystemExit):
+        load([*base, "--repair-rate", "-1"])
+    with pytest.raises(SystemExit):
+        load([*base, "--scrub-interval", "-5"])

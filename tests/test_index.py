@@ -1,5 +1,7 @@
 """Index reads and writes against a real SQLite file (and :memory: where it fits)."""
 
+import time
+
 import apsw
 import pytest
 
@@ -198,7 +200,7 @@ def test_a_version_3_index_is_counted_once_when_upgraded(tmp_path):
     old.close()
     conn = schema.open_index(db)
     reader = Reader(conn)
-    assert conn.execute("SELECT value FROM meta WHERE name='schema_version'").fetchone()[0] == "4"
+    assert conn.execute("SELECT value FROM meta WHERE name='schema_version'").fetchone()[0] == "5"
     assert reader.key_stats() == {State.LIVE: (2, 120), State.UNLINKED: (1, 3),
                                   State.DELETING: (1, 4000)}
     stats = reader.pending_stats()
@@ -212,4 +214,43 @@ def test_a_version_3_index_is_counted_once_when_upgraded(tmp_path):
     conn = schema.open_index(db)
     assert Reader(conn).key_stats() == {State.LIVE: (2, 120), State.UNLINKED: (1001, 3),
                                         State.DELETING: (0, 0)}
-    assert schema.SCHEMA_VERSION == 4 and 3 in schema.UPGRADES_FROM
+    assert schema.SCHEMA_VERSION == 5 and 3 in schema.UPGRADES_FROM
+
+
+def test_a_version_4_index_gets_identities_and_the_repair_queue_in_place(tmp_path):
+    db = str(tmp_path / "v4.db")
+    old = schema.connect(db, create=True)
+    old.execute(V3.replace("'schema_version', '3'", "'schema_version', '4'"))
+    old.execute("INSERT INTO volume_health VALUES('a:1', 1, 5.0, 1.0, 0.5, NULL)")
+    old.close()
+    conn = schema.open_index(db)
+    reader = Reader(conn)
+    assert conn.execute("SELECT value FROM meta WHERE name='schema_version'").fetchone()[0] == "5"
+    row = reader.health()["a:1"]
+    assert row.up and not row.replaced and row.latency_ms == 0.5  # the old row, kept
+    assert reader.volume_ids() == {} and reader.repair_stats() == (0, 0)
+    # the live and unlinked keys on a:1 are queued, the delete is not (it needs no copy)
+    with conn:
+        assert schema.queue_volume(conn, "a:1", "replaced") == 3
+        assert schema.queue_volume(conn, "a:1", "replaced") == 0  # queued once
+        assert schema.queue_volume(conn, "a:11", "replaced") == 0  # not a prefix match
+    assert sorted(reader.repair_due(time.time(), 10)) == ["/l1", "/l2", "/u"]
+    assert reader.repair_left("a:1") == 3
+
+
+def test_repair_queue_rows_go_only_when_done_and_wait_after_a_failure(conn):
+    reader = Reader(conn)
+    with conn:
+        schema.queue_repair(conn, [("/k", "a:1"), ("/k", "b:2"), ("/j", "")], "scrub")
+        schema.repair_failed(conn, "/j", "no source", retry_after=60)
+    now = time.time()
+    assert reader.repair_due(now, 10) == ["/k"]  # /j waits for its retry
+    assert sorted(reader.repair_due(now + 61, 10)) == ["/j", "/k"]
+    assert reader.repair_stats() == (3, 1)
+    with conn:
+        schema.repair_done(conn, "/k")  # every row of the key
+    assert reader.repair_stats() == (1, 1) and reader.repair_left("a:1") == 0
+    with conn:
+        schema.write_volume_id(conn, "a:1", "id1", "")
+        schema.write_volume_id(conn, "a:1", "id1", "id2")
+    assert reader.volume_ids() == {"a:1": ("id1", "id2")}

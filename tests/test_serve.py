@@ -8,6 +8,7 @@ import time
 
 import requests
 
+from mkv import identity
 from tests.cluster import free_port, group_alive, wait_http
 from tests.helpers import roundtrip
 
@@ -72,6 +73,26 @@ def test_mkv_volume_command_serves_and_stops_on_sigterm(tmp_path):
         assert proc.wait(10) == 0
 
 
+def test_mkv_volume_marks_its_disk_once_and_serves_the_marker(tmp_path):
+    """docs/design.md, "Self-healing": the marker is made before nginx starts, kept on
+    the next start, and served like any file under the root."""
+    ids = []
+    for _ in range(2):
+        port = free_port()
+        proc = subprocess.Popen([sys.executable, "-m", "mkv", "volume", "--root",
+                                 str(tmp_path / "v"), "--port", str(port)], start_new_session=True)
+        try:
+            wait_http(f"http://127.0.0.1:{port}/-/ping")
+            r = requests.get(f"http://127.0.0.1:{port}/{identity.MARKER}", timeout=10)
+            assert r.status_code == 200
+            ids.append(identity.parse_marker(r.content))
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(10) == 0
+    assert ids[0] == ids[1]
+    assert identity.parse_marker((tmp_path / "v" / identity.MARKER).read_bytes()) == ids[0]
+
+
 def test_mkv_without_command_or_with_unknown_one_exits_2():
     assert subprocess.run([sys.executable, "-m", "mkv"], capture_output=True).returncode == 2
     r = subprocess.run([sys.executable, "-m", "mkv", "frobnicate"], capture_output=True, text=True)
@@ -81,7 +102,7 @@ def test_mkv_without_command_or_with_unknown_one_exits_2():
 def test_bin_launchers_run_the_commands_from_the_checkout():
     r = subprocess.run(["bin/mkv", "--help"], capture_output=True, text=True, timeout=30)
     assert r.returncode == 0 and "serve" in r.stdout and "volume" in r.stdout
-    for tool in ("bin/mkv-rebuild", "bin/mkv-rebalance"):
+    for tool in ("bin/mkv-rebuild", "bin/mkv-rebalance", "bin/mkv-scrub"):
         r = subprocess.run([tool, "--help"], capture_output=True, text=True, timeout=30)
         assert r.returncode == 0 and "--volumes" in r.stdout, tool
         assert subprocess.run([tool, "--no-such-flag"], capture_output=True,
@@ -106,8 +127,8 @@ def test_ctrl_c_to_the_whole_group_stops_cleanly_without_restarts(volumes, make_
 
 def test_writer_and_health_stop_when_the_master_is_killed(volumes, make_service):
     svc = make_service(volumes)
-    children = svc.pids("mkv.writer") + svc.pids("mkv.health")
-    assert len(children) == 2
+    children = svc.pids("mkv.writer") + svc.pids("mkv.health") + svc.pids("mkv.repair")
+    assert len(children) == 3
     os.kill(svc.proc.pid, signal.SIGKILL)
     deadline = time.monotonic() + 10
 
@@ -119,4 +140,4 @@ def test_writer_and_health_stop_when_the_master_is_killed(volumes, make_service)
 
     while any(alive(p) for p in children) and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert not any(alive(p) for p in children), "orphaned writer or health process"
+    assert not any(alive(p) for p in children), "orphaned writer, health or repair process"

@@ -140,7 +140,7 @@ def kill_and_see_it_logged(pids: Callable[[], list[int]], output: Callable[[], s
 
 def test_mkv_serve_logs_a_killed_writers_signal_and_counts_the_restart(volumes, make_service):
     svc: MkvService = make_service(volumes)
-    assert restart_counts(svc.url) == {"writer": 0.0, "health": 0.0}
+    assert restart_counts(svc.url) == {"writer": 0.0, "health": 0.0, "repair": 0.0}
     kill_and_see_it_logged(lambda: svc.pids("mkv.writer"), svc.output)
     assert "restarting now" in svc.output()
     roundtrip(svc.url, "/after-the-writer-died")  # the new writer takes the writes

@@ -8,6 +8,11 @@ failure at once.
 
 It also finishes pending deletes: copies of deleted keys that stayed on a volume that was
 down are removed once that volume answers again.
+
+Each probe also reads the volume's identity marker (mkv.identity), pipelined behind the
+ping: a volume whose disk is not the one the index knows is marked replaced, so reads
+stop going there at once, and its keys are queued for the repair process; once none is
+left in the queue its new marker is adopted (docs/design.md, "Self-healing").
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 from mkv import core
+from mkv import identity as ident
 from mkv.cleanup import finish_delete
 from mkv.core import PendingAction
 from mkv.health.probe import ProbeState, observe
@@ -37,6 +43,12 @@ from mkv.writer.protocol import KeyLocked, WriterError
 log = logging.getLogger("mkv.health")
 
 CLEANUP_BATCH = 200
+#: seconds before a marker a volume refused is written again
+MARKER_RETRY = 60.0
+
+
+class MarkerPutOff(VolumeError):
+    """The marker's write is put off: the volume refused it a moment ago."""
 
 
 class HealthChecker:
@@ -60,6 +72,12 @@ class HealthChecker:
                 row = prior[vol]
                 self.states[vol] = ProbeState(row.up, row.since, latency_ms=row.latency_ms,
                                               error=row.error)
+        #: volumes whose disk is not the one the index knows, until repaired and adopted
+        self.replaced: set[str] = {v for v, row in prior.items() if row.replaced}
+        #: the marker each volume's last probe found (None: none there)
+        self.markers: dict[str, str | None] = {}
+        #: when a volume that refused its marker is asked again (monotonic)
+        self.marker_retry: dict[str, float] = {}
         self.stopping = False
         self.sock_path = health_socket_path(db)
         self.sock = self._listen(self.sock_path)
@@ -75,12 +93,24 @@ class HealthChecker:
         return sock
 
     def probe(self, volume: str) -> tuple[bool, float, str | None]:
+        """Ping the volume and read its marker in one pipelined round trip."""
         started = time.perf_counter()
-        try:
-            self.pool.ping(volume)
-            return True, (time.perf_counter() - started) * 1000, None
-        except VolumeError as exc:
-            return False, (time.perf_counter() - started) * 1000, exc.detail
+        out = self.pool.ask({volume: [Request("GET", "/-/ping"),
+                                      Request("GET", ident.MARKER_PATH)]}, ok=(200, 404))[volume]
+        took = (time.perf_counter() - started) * 1000
+        if isinstance(out, VolumeError):
+            return False, took, out.detail
+        ping, marker = out
+        if ping.status != 200:
+            return False, took, f"ping answered {ping.status}"
+        if marker.status == 404:
+            self.markers[volume] = None
+        else:
+            try:
+                self.markers[volume] = ident.parse_marker(marker.body)
+            except ident.BadMarker:
+                self.markers[volume] = "unreadable"  # matches no id: a disk mkv did not mark
+        return True, took, None
 
     def record(self, volume: str, ok: bool, latency_ms: float | None, error: str | None) -> None:
         before = self.states.get(volume)
@@ -93,14 +123,78 @@ class HealthChecker:
     def publish(self) -> None:
         now = time.time()
         schema.write_health(self.conn, [
-            HealthRow(v, s.up, now, s.since, s.latency_ms, s.error) for v, s in self.states.items()
+            HealthRow(v, s.up, now, s.since, s.latency_ms, s.error, v in self.replaced)
+            for v, s in self.states.items()
         ])
 
     def round(self) -> None:
+        self.markers.clear()
         results = list(self.executor.map(self.probe, self.volumes))
         for vol, (ok, latency, error) in zip(self.volumes, results, strict=True):
             self.record(vol, ok, latency, error)
-        self.publish()
+        try:
+            newly = self.identify()
+        except WriterError as exc:  # the next round tries again
+            log.warning("volume identity: the writer did not answer: %s", exc)
+            newly = []
+        self.publish()  # reads stop going to a replaced volume from here on
+        for vol in newly:
+            try:
+                queued = self.writer.repair_volume(vol, "replaced")
+                log.warning("volume %s: %d keys queued for repair", vol, queued)
+            except WriterError as exc:
+                log.warning("volume %s: keys not queued yet: %s", vol, exc)
+                self.replaced.discard(vol)  # found replaced again next round, queued then
+
+    def _write_marker(self, volume: str) -> str:
+        """Give a volume without a marker a new id (mkv is one of its writers). After a
+        failed try, the next waits a while: a volume that refuses writes is not asked
+        (and logged) every round."""
+        if time.monotonic() < self.marker_retry.get(volume, 0.0):
+            raise MarkerPutOff(volume, "marker write failed a moment ago")
+        vid = ident.new_id()
+        error = self.pool.exchange({volume: [Request("PUT", ident.MARKER_PATH,
+                                                     ident.marker_body(vid))]}).get(volume)
+        if error is not None:
+            self.marker_retry[volume] = time.monotonic() + MARKER_RETRY
+            raise error
+        return vid
+
+    def identify(self) -> list[str]:
+        """Compare the markers found this round with the ids the index expects
+        (ident.identity); the volumes newly found replaced. docs/design.md, "Self-healing"."""
+        expected = self.reader.volume_ids()
+        newly = []
+        for vol, found in self.markers.items():
+            want, seen = expected.get(vol, (None, ""))
+            verdict = ident.identity(want, found)
+            try:
+                if verdict is ident.Identity.CREATE:
+                    self.writer.volume_id(vol, self._write_marker(vol))
+                elif verdict is ident.Identity.ADOPT:
+                    assert found is not None
+                    self.writer.volume_id(vol, found)
+                elif verdict is ident.Identity.SAME:
+                    self.replaced.discard(vol)
+                elif vol not in self.replaced or found is None or found != seen:
+                    assert want is not None
+                    had = "no marker" if found is None else f"marker {found}"
+                    if found is None:
+                        found = self._write_marker(vol)
+                    log.warning("volume %s is replaced: its disk had %s, the index expects %s",
+                                vol, had, want)
+                    self.writer.volume_id(vol, want, found)
+                    self.replaced.add(vol)
+                    newly.append(vol)
+                elif self.reader.repair_left(vol) == 0:
+                    self.writer.volume_id(vol, found)
+                    self.replaced.discard(vol)
+                    log.info("volume %s is repaired: its disk's id %s is adopted", vol, found)
+            except MarkerPutOff:
+                pass
+            except VolumeError as exc:
+                log.warning("volume %s: cannot write its marker: %s", vol, exc.detail)
+        return newly
 
     def take_reports(self, wait: float) -> None:
         """Wait up to `wait` seconds for failure reports; each counts as a failed probe."""

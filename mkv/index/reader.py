@@ -78,9 +78,25 @@ class Reader:
     def health(self) -> dict[str, HealthRow]:
         with self._lock:
             rows = self.conn.execute(
-                "SELECT volume, up, checked, since, latency_ms, error FROM volume_health"
+                "SELECT volume, up, checked, since, latency_ms, error, replaced FROM volume_health"
             ).fetchall()
-        return {r[0]: HealthRow(r[0], bool(r[1]), r[2], r[3], r[4], r[5]) for r in rows}
+        return {r[0]: HealthRow(r[0], bool(r[1]), r[2], r[3], r[4], r[5], bool(r[6])) for r in rows}
+
+    def volume_ids(self) -> dict[str, tuple[str, str]]:
+        with self._lock:
+            return schema.read_volume_ids(self.conn)
+
+    def repair_due(self, now: float, limit: int) -> list[str]:
+        with self._lock:
+            return schema.read_repair_due(self.conn, now, limit)
+
+    def repair_stats(self) -> tuple[int, int]:
+        with self._lock:
+            return schema.read_repair_stats(self.conn)
+
+    def repair_left(self, volume: str) -> int:
+        with self._lock:
+            return schema.repair_left(self.conn, volume)
 
     def key_stats(self) -> dict[State, tuple[int, int]]:
         """(keys, bytes) by state: the counts the index's triggers keep, for /-/metrics."""

@@ -15,11 +15,12 @@ import apsw
 
 from mkv.model import HealthRow, Pending, PendingOp, PendingState, Record, State
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 #: Versions this mkv opens and upgrades in place: 2 added the pending table, 3 the
 #: generation columns (of keys and of pending), 4 the counts kept by triggers
-#: (key_stats, pending_stats).
-UPGRADES_FROM = {1, 2, 3}
+#: (key_stats, pending_stats), 5 volume identity and the repair queue (volume_ids,
+#: repair, volume_health.replaced: docs/design.md, "Self-healing").
+UPGRADES_FROM = {1, 2, 3, 4}
 
 
 SCHEMA = """
@@ -39,7 +40,8 @@ CREATE TABLE IF NOT EXISTS volume_health(
     checked REAL NOT NULL,
     since REAL NOT NULL,
     latency_ms REAL,
-    error TEXT
+    error TEXT,
+    replaced INT NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS meta(name TEXT PRIMARY KEY, value TEXT);
 CREATE TABLE IF NOT EXISTS pending(
@@ -52,6 +54,24 @@ CREATE TABLE IF NOT EXISTS pending(
     PRIMARY KEY(key, gen, volume, op)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS pending_due ON pending(state, since);
+CREATE TABLE IF NOT EXISTS volume_ids(
+    volume TEXT PRIMARY KEY,
+    id TEXT NOT NULL,
+    found TEXT NOT NULL DEFAULT '',
+    since REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS repair(
+    key TEXT NOT NULL,
+    volume TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    since REAL NOT NULL,
+    attempts INT NOT NULL DEFAULT 0,
+    due REAL NOT NULL DEFAULT 0,
+    error TEXT,
+    PRIMARY KEY(key, volume)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS repair_due ON repair(due);
+CREATE INDEX IF NOT EXISTS repair_volume ON repair(volume);
 """
 
 #: Counts that /-/metrics reads instead of counting rows: kept by triggers, so every
@@ -160,6 +180,8 @@ def init_schema(conn: apsw.Connection) -> None:
             conn.execute("INSERT INTO pending(key, gen, volume, op, state, since) "
                          "SELECT key, '', volume, op, state, since FROM pending_v2")
             conn.execute("DROP TABLE pending_v2")
+        if "replaced" not in _columns(conn, "volume_health"):  # before version 5
+            conn.execute("ALTER TABLE volume_health ADD COLUMN replaced INT NOT NULL DEFAULT 0")
         if not counted:  # a new file, or one before version 4: counted once, kept from now on
             _count_once(conn)
         conn.execute("INSERT OR REPLACE INTO meta VALUES('schema_version', ?)", (str(SCHEMA_VERSION),))
@@ -229,8 +251,10 @@ def read_pending_stats(conn: apsw.Connection) -> dict[tuple[PendingOp, PendingSt
 def write_health(conn: apsw.Connection, rows: Iterable[HealthRow]) -> None:
     with conn:
         conn.executemany(
-            "INSERT OR REPLACE INTO volume_health VALUES(?,?,?,?,?,?)",
-            ((r.volume, int(r.up), r.checked, r.since, r.latency_ms, r.error) for r in rows),
+            "INSERT OR REPLACE INTO volume_health(volume, up, checked, since, latency_ms, error, "
+            "replaced) VALUES(?,?,?,?,?,?,?)",
+            ((r.volume, int(r.up), r.checked, r.since, r.latency_ms, r.error, int(r.replaced))
+             for r in rows),
         )
 
 
@@ -278,3 +302,61 @@ def orphan_intents(conn: apsw.Connection, since: float) -> None:
     with conn:
         conn.execute("UPDATE pending SET state=?, since=? WHERE state=?",
                      (int(PendingState.ORPHANED), since, int(PendingState.INTENT)))
+
+
+# --- self-healing (docs/design.md, "Self-healing") --------------------------------------
+
+
+def read_volume_ids(conn: apsw.Connection) -> dict[str, tuple[str, str]]:
+    """volume -> (the id the index expects on its disk, the other id found there while
+    it is replaced, '' if none)."""
+    return {vol: (vid, found) for vol, vid, found in
+            conn.execute("SELECT volume, id, found FROM volume_ids")}
+
+
+def write_volume_id(conn: apsw.Connection, volume: str, vid: str, found: str) -> None:
+    conn.execute("INSERT INTO volume_ids(volume, id, found, since) VALUES(?,?,?,?) "
+                 "ON CONFLICT(volume) DO UPDATE SET id=excluded.id, found=excluded.found, "
+                 "since=excluded.since", (volume, vid, found, time.time()))
+
+
+def queue_volume(conn: apsw.Connection, volume: str, reason: str) -> int:
+    """Queue every record naming `volume` (but deletes, which need no copy) for repair of
+    its copy there. One statement over `keys`: a scan, once per replacement."""
+    conn.execute("INSERT OR IGNORE INTO repair(key, volume, reason, since) "
+                 "SELECT key, ?, ?, ? FROM keys WHERE state < 3 AND "
+                 "instr(',' || volumes || ',', ',' || ? || ',') > 0",
+                 (volume, reason, time.time(), volume))
+    return conn.changes()
+
+
+def queue_repair(conn: apsw.Connection, items: Iterable[tuple[str, str]], reason: str) -> None:
+    """Queue (key, volume) pairs; volume '' when the bad copy's volume is not known."""
+    now = time.time()
+    conn.executemany("INSERT OR IGNORE INTO repair(key, volume, reason, since) VALUES(?,?,?,?)",
+                     ((k, v, reason, now) for k, v in items))
+
+
+def repair_done(conn: apsw.Connection, key: str) -> None:
+    """Every queued row of the key: one repair makes all its copies whole."""
+    conn.execute("DELETE FROM repair WHERE key=?", (key,))
+
+
+def repair_failed(conn: apsw.Connection, key: str, error: str, retry_after: float) -> None:
+    conn.execute("UPDATE repair SET attempts = attempts + 1, error=?, due=? WHERE key=?",
+                 (error[:500], time.time() + retry_after, key))
+
+
+def read_repair_due(conn: apsw.Connection, now: float, limit: int) -> list[str]:
+    return [k for (k,) in conn.execute(
+        "SELECT DISTINCT key FROM repair WHERE due <= ? ORDER BY due LIMIT ?", (now, limit))]
+
+
+def read_repair_stats(conn: apsw.Connection) -> tuple[int, int]:
+    """(queued rows, rows that failed at least once)."""
+    n, failed = conn.execute("SELECT count(*), coalesce(sum(attempts > 0), 0) FROM repair").fetchone()
+    return n, failed
+
+
+def repair_left(conn: apsw.Connection, volume: str) -> int:
+    return conn.execute("SELECT count(*) FROM repair WHERE volume=?", (volume,)).fetchone()[0]

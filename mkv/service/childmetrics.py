@@ -12,7 +12,7 @@ from collections.abc import Iterable
 from prometheus_client import Counter
 
 CHILD_RESTARTS = Counter("mkv_child_restarts_total",
-                         "Restarts of a supervised process (writer, health) by the mkv master",
+                         "Restarts of a supervised process (writer, health, repair) by the mkv master",
                          ["child"])
 
 

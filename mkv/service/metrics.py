@@ -111,7 +111,7 @@ def volume_samples(volumes: Iterable[str], rows: Mapping[str, HealthRow], now: f
         row = rows.get(vol)
         known = status.get(vol, Health.UNKNOWN) is not Health.UNKNOWN
         latency = row.latency_ms / 1000 if row is not None and row.latency_ms is not None else None
-        out.append(VolumeSample(vol, status[vol] is Health.UP if known else None,
+        out.append(VolumeSample(vol, status[vol] is not Health.DOWN if known else None,
                                 latency if known else None,
                                 max(0.0, now - row.checked) if row is not None else None))
     return out
@@ -131,6 +131,7 @@ class IndexCollector:
             rows = self.reader.health()
             keys = self.reader.key_stats()
             pending = self.reader.pending_stats()
+            queued, failing = self.reader.repair_stats()
         except apsw.Error as exc:  # the request metrics are still worth answering with
             log.warning("metrics: cannot read the index: %s", exc)
             return
@@ -150,7 +151,20 @@ class IndexCollector:
                 probe.add_metric([s.volume], s.probe_seconds)
             if s.age_seconds is not None:
                 age.add_metric([s.volume], s.age_seconds)
-        yield from (up, probe, age)
+        replaced = GaugeMetricFamily("mkv_volume_replaced",
+                                     "1 while the volume's disk is not the one the index knows "
+                                     "(reads avoid it, its keys are repaired), else 0; absent "
+                                     "while unknown", labels=["volume"])
+        for s in volume_samples(self.cfg.volumes, rows, self.clock(), stale):
+            if s.up is not None:
+                replaced.add_metric([s.volume], 1.0 if rows[s.volume].replaced else 0.0)
+        yield from (up, probe, age, replaced)
+        queue = GaugeMetricFamily("mkv_repair_queue", "Copies queued for repair (docs/design.md, "
+                                  "\"Self-healing\"), by whether a repair of them failed already",
+                                  labels=["state"])
+        queue.add_metric(["waiting"], queued - failing)
+        queue.add_metric(["retrying"], failing)
+        yield queue
         count = GaugeMetricFamily("mkv_stored_keys", "Keys in the index, by state",
                                   labels=["state"])
         size = GaugeMetricFamily("mkv_stored_bytes", "Value bytes of the keys in the index "

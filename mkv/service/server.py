@@ -30,6 +30,7 @@ from mkv.health.reporter import FailureReporter, health_socket_path
 from mkv.index import schema
 from mkv.index.cache import ChangeCount, RecordCache
 from mkv.index.reader import Reader
+from mkv.repair.settings import settings as repair_settings
 from mkv.service import childmetrics, metrics, ratelimit, reload
 from mkv.service.app import create_app
 from mkv.service.store import Store
@@ -115,7 +116,9 @@ def children(cfg: Config, changes: ChangeCount) -> list[Child]:
                                                                       cfg.client_timeout)),
                               "--log-level", cfg.log_level, "--log-format", cfg.log_format,
                               *me])
-    return [writer, health]
+    # mends queued copies and scrubs: docs/design.md, "Self-healing"
+    repair = Child("repair", [*py, "mkv.repair", "--settings", repair_settings(cfg), *me])
+    return [writer, health, repair]
 
 
 def gunicorn_logger(log_format: str) -> type[glogging.Logger]:
@@ -197,10 +200,11 @@ class Hooks:
                 WriterClient(new.writer_socket, timeout=5).configure(new.synchronous, new.log_level)
             except WriterError as exc:  # restarting: it starts with the new argv below
                 log.warning("reload: the writer did not take the new settings now: %s", exc)
-        writer, health = children(new, self.changes)
+        writer, health, repair = children(new, self.changes)
         self.supervisor.reconfigure("writer", writer.argv, restart=False)
         # the health process probes the new volume list at once
         self.supervisor.reconfigure("health", health.argv, restart=True)
+        self.supervisor.reconfigure("repair", repair.argv, restart=True)
 
     def post_worker_init(self, worker: Any) -> None:
         """Workers leave Ctrl-C to the master, which stops them with SIGQUIT.

@@ -292,9 +292,14 @@ class Rebalancer:
             raise KeyProblem(f"pending delete: could not remove copies on {', '.join(left)}")
         self.count(cleaned=1)
 
+    def desired(self, rec: Record) -> tuple[str, ...]:
+        """Where the key's copies should be: the ring's volumes. Repair and scrub keep
+        the record's own (mkv.repair), so they mend copies and never move them."""
+        return tuple(self.ring.place(rec.key, self.cfg.replicas))
+
     def _move(self, rec: Record) -> None:
         """One key, under its lock (taken by the caller)."""
-        desired = tuple(self.ring.place(rec.key, self.cfg.replicas))
+        desired = self.desired(rec)
         good, sidecar_ok = self._check(rec)
         move = core.rebalance_plan(rec, desired, good, sidecar_ok)
         if move.lost:

@@ -118,6 +118,26 @@ class WriterClient:
         self.call(op="pending_done", key=item.key, gen=item.gen, volume=item.volume,
                   pending_op=int(item.op))
 
+    # the repair queue and volume identities (docs/design.md, "Self-healing"): no key lock
+
+    def volume_id(self, volume: str, vid: str, found: str = "") -> None:
+        """Record the id the index expects on `volume`'s disk (and another found there)."""
+        self.call(op="volume_id", volume=volume, id=vid, found=found)
+
+    def repair_volume(self, volume: str, reason: str) -> int:
+        """Queue every key with a copy on `volume`; how many were queued."""
+        return int(self.call(op="repair_volume", volume=volume, reason=reason)["queued"])
+
+    def repair_queue(self, items: Sequence[tuple[str, str]], reason: str) -> None:
+        """Queue (key, volume) copies for repair (volume '' when not known)."""
+        self.call(op="repair_queue", items=[list(i) for i in items], reason=reason)
+
+    def repair_done(self, key: str) -> None:
+        self.call(op="repair_done", key=key)
+
+    def repair_failed(self, key: str, error: str, retry_after: float) -> None:
+        self.call(op="repair_failed", key=key, error=error, retry_after=retry_after)
+
     def unlock(self, key: str, gen: str = "") -> None:
         """Give the lock back; `gen`: the write under it is over, its intents are due."""
         self.call(op="unlock", key=key, **({"gen": gen} if gen else {}))

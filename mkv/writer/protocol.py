@@ -13,7 +13,9 @@ _HEADER = struct.Struct("!I")
 
 
 #: Requests that change the index; anything else runs outside a transaction.
-WRITE_OPS = frozenset(("put", "state", "delete", "bulk", "intend", "pending_done"))
+WRITE_OPS = frozenset(("put", "state", "delete", "bulk", "intend", "pending_done",
+                       "volume_id", "repair_volume", "repair_queue", "repair_done",
+                       "repair_failed"))
 
 
 MAX_FRAME = 64 << 20

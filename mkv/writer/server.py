@@ -430,6 +430,30 @@ class WriterServer:
         self._need_lock(conn, {"key": req["key"]})
         return {"ok": True}, None, 0
 
+    # self-healing bookkeeping (docs/design.md, "Self-healing"): no key lock, since a
+    # queue row only asks for work that is done under the lock later
+
+    def _op_volume_id(self, conn: _Conn, req: dict) -> tuple[dict, None, int]:
+        schema.write_volume_id(self.db, str(req["volume"]), str(req["id"]), str(req.get("found", "")))
+        return {"ok": True}, None, 1
+
+    def _op_repair_volume(self, conn: _Conn, req: dict) -> tuple[dict, None, int]:
+        n = schema.queue_volume(self.db, str(req["volume"]), str(req["reason"]))
+        return {"ok": True, "queued": n}, None, 1
+
+    def _op_repair_queue(self, conn: _Conn, req: dict) -> tuple[dict, None, int]:
+        items = [(str(k), str(v)) for k, v in req["items"]]
+        schema.queue_repair(self.db, items, str(req["reason"]))
+        return {"ok": True}, None, 1
+
+    def _op_repair_done(self, conn: _Conn, req: dict) -> tuple[dict, None, int]:
+        schema.repair_done(self.db, str(req["key"]))
+        return {"ok": True}, None, 1
+
+    def _op_repair_failed(self, conn: _Conn, req: dict) -> tuple[dict, None, int]:
+        schema.repair_failed(self.db, str(req["key"]), str(req["error"]), float(req["retry_after"]))
+        return {"ok": True}, None, 1
+
     def _op_bulk(self, conn: _Conn, req: dict) -> tuple[dict, None, int]:
         """Insert many records at once (rebuild); refuses keys someone holds locked."""
         recs = [record_from_wire(d) for d in req["records"]]
