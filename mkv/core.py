@@ -160,7 +160,7 @@ def read_target(key: str, record: Record | None, health: HealthMap, fallback: st
         # the other candidates in the order the rotation would reach them, then the
         # replicas of unknown health, which a read tries only when none is known up
         others = candidates[i + 1:] + candidates[:i]
-        others += [v for v in record.volumes if v not in candidates and usable(v, health)]
+        others += [v for v in record.volumes if v not in candidates and readable(v, health)]
         hops = failover_hops(base, others, blob, public)
     query = signing.redirect_query(path, hops, now, ttl, secret)
     return Redirect(base + path + query, volume, path, hops)
