@@ -16,6 +16,7 @@ import re
 import socket
 import subprocess
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -38,6 +39,7 @@ from mkv.client import (
     Unavailable,
     key_path,
 )
+from mkv.service.store import HEALTH_CACHE_SECONDS
 from tests.cluster import NginxVolume
 from tests.helpers import (
     FAST_HEALTH,
@@ -323,6 +325,7 @@ def outage(svc: MkvService, vols: list[NginxVolume]) -> None:
         v.stop()
     wait_until(lambda: all(volume_status(svc, v.address) == "down" for v in vols), TIMEOUT,
                "every volume marked down")
+    time.sleep(HEALTH_CACHE_SECONDS + 0.2)  # every worker's cached health says so too
 
 
 def restart_after_first_retry(vols: list[NginxVolume], handler: Retries) -> threading.Thread:

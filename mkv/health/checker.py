@@ -43,8 +43,8 @@ from mkv.writer.protocol import KeyLocked, WriterError
 log = logging.getLogger("mkv.health")
 
 CLEANUP_BATCH = 200
-#: seconds before a marker a volume refused is written again
-MARKER_RETRY = 60.0
+#: seconds before a marker a volume refused is written again (one PUT, never a flood)
+MARKER_RETRY = 5.0
 
 
 class MarkerPutOff(VolumeError):
@@ -119,6 +119,8 @@ class HealthChecker:
         if before is None or before.up != after.up:
             log.info("volume %s is %s%s", volume, "up" if after.up else "down",
                      f" ({error})" if error else "")
+            if after.up:  # a volume back (its nginx restarted) may take its marker now
+                self.marker_retry.pop(volume, None)
 
     def publish(self) -> None:
         now = time.time()
@@ -176,14 +178,24 @@ class HealthChecker:
                     self.writer.volume_id(vol, found)
                 elif verdict is ident.Identity.SAME:
                     self.replaced.discard(vol)
-                elif vol not in self.replaced or found is None or found != seen:
+                elif vol in self.replaced and found is None:
+                    # a replaced disk that could not take its marker yet: give it one now
+                    assert want is not None
+                    self.writer.volume_id(vol, want, self._write_marker(vol))
+                elif vol not in self.replaced or found != seen:
                     assert want is not None
                     had = "no marker" if found is None else f"marker {found}"
                     if found is None:
-                        found = self._write_marker(vol)
+                        # replaced whether or not the disk takes a marker now (a new disk
+                        # under a running nginx has no upload spool until it restarts)
+                        try:
+                            found = self._write_marker(vol)
+                        except (MarkerPutOff, VolumeError) as exc:
+                            log.warning("volume %s: cannot write its marker yet: %s", vol,
+                                        getattr(exc, "detail", exc))
                     log.warning("volume %s is replaced: its disk had %s, the index expects %s",
                                 vol, had, want)
-                    self.writer.volume_id(vol, want, found)
+                    self.writer.volume_id(vol, want, found or "")
                     self.replaced.add(vol)
                     newly.append(vol)
                 elif self.reader.repair_left(vol) == 0:
