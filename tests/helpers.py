@@ -446,3 +446,54 @@ def wait_for(check: Callable[[], bool], timeout: float, what: str) -> None:
         if time.monotonic() > deadline:
             raise AssertionError(f"not within {timeout}s: {what}")
         time.sleep(0.05)
+
+
+class Relay:
+    """A TCP relay on 127.0.0.1 to `upstream_port`, to break connections the way networks
+    do: what a client sends passes whole; the answers on connection n (from 0) pass up to
+    `answer_limit(n)` bytes (None: all), then both sides are closed and `cut` is set."""
+
+    def __init__(self, upstream_port: int) -> None:
+        self.upstream_port = upstream_port
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.cut = threading.Event()
+        self._connections = 0
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def answer_limit(self, n: int) -> int | None:
+        return None
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            server = socket.create_connection(("127.0.0.1", self.upstream_port), timeout=TIMEOUT)
+            limit = self.answer_limit(self._connections)
+            self._connections += 1
+            threading.Thread(target=self._pump, args=(client, server, None), daemon=True).start()
+            threading.Thread(target=self._pump, args=(server, client, limit), daemon=True).start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket, limit: int | None) -> None:
+        passed = 0
+        try:
+            while data := src.recv(65536):
+                if limit is not None and passed + len(data) > limit:
+                    dst.sendall(data[:limit - passed])
+                    self.cut.set()
+                    break
+                dst.sendall(data)
+                passed += len(data)
+        except OSError:
+            pass
+        for sock in (src, dst):
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            sock.close()
+
+    def close(self) -> None:
+        self.listener.close()

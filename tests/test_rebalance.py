@@ -9,7 +9,6 @@ import pty
 import random
 import re
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -32,6 +31,7 @@ from mkv.tools.throttle import RateLimiter
 from mkv.writer.protocol import LockLost
 from mkv.writer.server import serve_in_thread
 from tests.cluster import NginxVolume
+from tests.helpers import Relay
 from tests.service import MkvService
 
 HEX64 = re.compile(r"^[0-9a-f]{64}$")
@@ -401,48 +401,17 @@ def test_a_dead_volume_is_reported_and_nothing_is_lost(volumes, make_service):
     assert_clean(svc.db, volumes, volumes, 3)
 
 
-class CuttingProxy:
+class CuttingProxy(Relay):
     """A volume's address whose answers stop after `limit` bytes per connection: a
     source that breaks mid-copy (HEADs and small answers pass; big GETs are torn)."""
 
     def __init__(self, upstream: NginxVolume, limit: int | None) -> None:
-        self.upstream, self.limit, self.root = upstream, limit, upstream.root
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.address = f"127.0.0.1:{self.listener.getsockname()[1]}"
-        threading.Thread(target=self._accept, daemon=True).start()
+        super().__init__(upstream.port)
+        self.limit, self.root = limit, upstream.root
+        self.address = f"127.0.0.1:{self.port}"
 
-    def _accept(self) -> None:
-        while True:
-            try:
-                client, _ = self.listener.accept()
-            except OSError:
-                return
-            server = socket.create_connection(("127.0.0.1", self.upstream.port))
-            threading.Thread(target=self._pump, args=(client, server, None), daemon=True).start()
-            threading.Thread(target=self._pump, args=(server, client, self.limit),
-                             daemon=True).start()
-
-    @staticmethod
-    def _pump(src: socket.socket, dst: socket.socket, limit: int | None) -> None:
-        passed = 0
-        try:
-            while data := src.recv(65536):
-                if limit is not None and passed + len(data) > limit:
-                    dst.sendall(data[:limit - passed])
-                    break
-                dst.sendall(data)
-                passed += len(data)
-        except OSError:
-            pass
-        for s in (src, dst):
-            try:
-                s.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-            s.close()
-
-    def close(self) -> None:
-        self.listener.close()
+    def answer_limit(self, n: int) -> int | None:
+        return self.limit
 
 
 BIG = 2 << 20
