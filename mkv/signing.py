@@ -36,12 +36,6 @@ def signature(path: str, expires: int, secret: str) -> str:
     return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
 
 
-def signed_query(path: str, now: float, ttl: int, secret: str) -> str:
-    """The query string (with its "?") that makes a redirect to `path` valid for `ttl` s."""
-    expires = int(now) + ttl
-    return f"?md5={signature(path, expires, secret)}&expires={expires}"
-
-
 def redirect_query(path: str, hops: Sequence[Hop], now: float, ttl: int, secret: str) -> str:
     """The query string (with its "?", or "" for none) of a redirect to `path` whose blob
     may also be at `hops`, in order: `next=HOP,HOP` unsigned, and signed

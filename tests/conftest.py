@@ -8,6 +8,7 @@ tests/helpers.py.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -99,11 +100,13 @@ def volumes(make_volumes: Callable[[int], list[NginxVolume]]) -> list[NginxVolum
 @pytest.fixture
 def make_service(tmp_path: Path) -> Iterator[Callable[..., MkvService]]:
     """Factory: make_service(volumes, **MkvService kwargs) starts `mkv serve` over the volumes
-    (running volumes, stand-ins or addresses); stopped when the test ends."""
+    (running volumes, stand-ins or addresses); stopped when the test ends. `kind` is the
+    MkvService class to start (FileService: every setting in a config file)."""
     started: list[MkvService] = []
 
-    def make(volumes: Iterable[VolumeLike], **kw: object) -> MkvService:
-        svc = MkvService(tmp_path / f"svc{len(started)}", addresses(volumes), **kw)
+    def make(volumes: Iterable[VolumeLike], kind: type[MkvService] = MkvService,
+             **kw: object) -> MkvService:
+        svc = kind(tmp_path / f"svc{len(started)}", addresses(volumes), **kw)
         started.append(svc)
         return svc.start()
 
@@ -118,18 +121,10 @@ def service(volumes: list[NginxVolume], make_service: Callable[..., MkvService])
 
 
 @pytest.fixture
-def file_service(tmp_path: Path) -> Iterator[Callable[..., FileService]]:
+def file_service(make_service: Callable[..., MkvService]) -> Callable[..., FileService]:
     """Factory: file_service(volumes, **kw) starts `mkv serve --config FILE` with every
     setting in the file (FileService), so a test can change any of them and SIGHUP."""
-    started: list[FileService] = []
-
-    def make(volumes: Iterable[VolumeLike], **kw: object) -> FileService:
-        svc = FileService(tmp_path / f"fsvc{len(started)}", addresses(volumes), **kw)
-        started.append(svc)
-        return svc.start()
-
-    yield make
-    stop_services(started)
+    return functools.partial(make_service, kind=FileService)
 
 
 # --- one cluster per module: started once, everything stopped when the module ends --------------

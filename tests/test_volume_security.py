@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from mkv.signing import signature, signed_query
+from mkv.signing import redirect_query, signature
 from mkv.volumes import nginx as mkv_nginx
 from mkv.volumes.nginx import Disk, parse_writers
 from tests.cluster import NginxVolume, free_port, wait_http
@@ -198,7 +198,7 @@ def test_a_fresh_signature_serves_the_bytes(start) -> None:
     vol = start(writers=ONLY_LOCALHOST, secret=SECRET)
     body = os.urandom(5000)
     assert call(vol.port, "PUT", BLOB, body)[0] == 201
-    query = signed_query(BLOB, time.time(), 60, SECRET)
+    query = redirect_query(BLOB, (), time.time(), 60, SECRET)
     assert call(vol.port, "GET", BLOB + query, source=OUTSIDER) == (200, body)
     assert call(vol.port, "HEAD", BLOB + query, source=OUTSIDER) == (200, b"")
 
@@ -414,7 +414,7 @@ def test_mkv_volume_takes_disks_writers_and_the_services_secret_from_the_shared_
         assert (d1 / BLOB.lstrip("/")).read_bytes() == b"one"
         assert call(port, "PUT", "/d2" + BLOB, b"two", source=OUTSIDER)[0] == 403
         assert call(port, "GET", "/d1" + BLOB, source=OUTSIDER)[0] == 403
-        query = signed_query("/d1" + BLOB, time.time(), 60, SECRET)
+        query = redirect_query("/d1" + BLOB, (), time.time(), 60, SECRET)
         assert call(port, "GET", "/d1" + BLOB + query, source=OUTSIDER) == (200, b"one")
         assert call(port, "GET", "/d1" + BLOB) == (200, b"one")
         rendered = d1 / mkv_nginx.WORKDIR_NAME / mkv_nginx.SERVER_CONF
