@@ -105,6 +105,18 @@ ERRORS: list[tuple[type[Exception], str, str]] = [
 _HANDLED = tuple(cls for cls, _, _ in ERRORS)
 
 
+def error_answer(exc: Exception) -> tuple[str, list[tuple[str, str]], bytes]:
+    """The answer to one of the ERRORS: (status, headers, JSON body), for the framework's
+    handlers and the fast read path alike."""
+    for cls, status, name in ERRORS:
+        if isinstance(exc, cls):
+            headers = [*JSON_TYPE]
+            if isinstance(exc, NeedsToken):
+                headers.append(("WWW-Authenticate", "Bearer"))
+            return status, headers, error_json(name, str(exc))
+    raise TypeError(f"{type(exc).__name__} is not in ERRORS")
+
+
 def error_json(error: str, detail: str) -> bytes:
     return json.dumps({"error": error, "detail": detail}).encode()
 
@@ -155,12 +167,9 @@ class KeyResource:
         try:
             self._dispatch(req, resp)
         except _HANDLED as exc:
-            for cls, status, name in ERRORS:
-                if isinstance(exc, cls):
-                    error_body(resp, status, name, str(exc))
-                    if isinstance(exc, NeedsToken):
-                        resp.set_header("WWW-Authenticate", "Bearer")
-                    break
+            resp.status, headers, resp.data = error_answer(exc)
+            for name, value in headers:
+                resp.set_header(name, value)
         except falcon.HTTPError as exc:  # the framework's own, e.g. a body it cannot read
             http_error_body(resp, exc)
         except Exception as exc:  # noqa: BLE001 - answered here so the metric sees the 500
@@ -378,13 +387,8 @@ class FastReads:
                 return self.requests.pass_on(self.app, env, start_response, served)
             self.tokens.check(env.get("HTTP_AUTHORIZATION"), write=False)
             status, headers, body = lookup(self.store(), check_key(key, self.cfg.max_key_bytes))
-        except NeedsToken as exc:
-            status, body = falcon.HTTP_401, error_json("unauthorized", str(exc))
-            headers = [*JSON_TYPE, ("WWW-Authenticate", "Bearer")]
-        except WrongToken as exc:
-            status, headers, body = falcon.HTTP_403, JSON_TYPE, error_json("forbidden", str(exc))
-        except BadKey as exc:
-            status, headers, body = falcon.HTTP_400, JSON_TYPE, error_json("bad_key", str(exc))
+        except (NeedsToken, WrongToken, BadKey) as exc:
+            status, headers, body = error_answer(exc)
         except Exception as exc:  # noqa: BLE001 - answered like the framework's handler
             log.exception("unhandled error on %s %s", method, env.get("PATH_INFO"))
             status, headers, body = falcon.HTTP_500, JSON_TYPE, error_json("internal",
